@@ -1,0 +1,357 @@
+"""The executor: one loop that turns what happens into `policy` events and carries out the
+actions the policy returns.
+
+Everything that happens arrives on one queue: signals (the handlers only enqueue, as in
+gunicorn's arbiter), the child's exit (a waiter thread), probe results (a small thread pool:
+a hung server can never stall this loop or the watchdog), GPU findings (the monitor's
+thread). The loop blocks on the queue with a timeout set by the next deadline, so a signal
+or an exit wakes it at once and ticks still run on time.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+import signal
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+from nika_supervisor import command, probes, procs
+from nika_supervisor.child import Child
+from nika_supervisor.clock import Clock, MonotonicClock
+from nika_supervisor.config import Config, load_config
+from nika_supervisor.durations import format_duration
+from nika_supervisor.errors import ConfigError, SpawnError
+from nika_supervisor.log import LEVELS, configure, get_logger, render_output
+from nika_supervisor.notify import Notifier
+from nika_supervisor.policy import (
+    Action,
+    Boot,
+    ChildExited,
+    Event,
+    Exit,
+    Failure,
+    GroupGone,
+    LiveProbe,
+    Log,
+    NotifyReady,
+    NotifyStopping,
+    Policy,
+    Preflight,
+    PreflightResult,
+    ReadyProbe,
+    RestartRequested,
+    SignalGroup,
+    Spawn,
+    Spawned,
+    SpawnFailed,
+    StartProbe,
+    State,
+    StopRequested,
+    Tick,
+)
+from nika_supervisor.statefile import default_runtime_dir, write_state
+from nika_supervisor.states import Phase
+
+EXTEND_EVERY_S = 5.0  # while activating: EXTEND_TIMEOUT_USEC this often ...
+EXTEND_BY_S = 20.0  # ... by this much, so a hung daemon still times out its start
+STATUS_REFRESH_S = 5.0  # refresh elapsed times in STATUS while not ready
+GROUP_POLL_S = 0.05  # while STOPPING, look for survivors of the group this often
+DRAIN_WAIT_S = 0.1  # at exit, wait this long at most for the child's last lines
+
+
+@dataclass(frozen=True, slots=True)
+class _Signal:
+    signum: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Exited:
+    pid: int
+    returncode: int | None
+    signal: int | None
+
+
+Inbox = Event | _Signal | _Exited
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, *, clock: Clock | None = None,
+                 environ: Mapping[str, str] | None = None,
+                 notifier: Notifier | None = None) -> None:
+        self.cfg = cfg
+        self.clock = clock or MonotonicClock()
+        self.environ = dict(os.environ if environ is None else environ)
+        self.notifier = notifier or Notifier(self.environ)
+        self.log = get_logger()
+        self.inbox: queue.SimpleQueue[Inbox] = queue.SimpleQueue()
+        self.policy = Policy(cfg.health, cfg.restart, jitter=random.random)
+        self.state = State()
+        self.child: Child | None = None
+        self.exit_code: int | None = None
+        self.ever_ready = False
+        self.config_error: str | None = None
+        self.boot_at = self.clock.now()
+        self.runtime_dir = cfg.supervisor.runtime_dir or default_runtime_dir(self.environ)
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="probe")
+        self._base = probes.base_url(cfg.vllm.host, cfg.vllm.port)
+        self._key = command.api_key(cfg)
+        self._next_watchdog: float | None = None
+        self._next_extend = 0.0
+        self._next_status = 0.0
+        self._published: tuple[object, ...] = ()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        now = self.clock.now()
+        if self.notifier.watchdog_interval:
+            self._next_watchdog = now
+        self.log.info("supervisor.starting", pid=os.getpid(), config=self.cfg.path,
+                      alias=self.cfg.vllm.alias, port=self.cfg.vllm.port,
+                      entrypoint=self.cfg.vllm.entrypoint,
+                      watchdog_s=self.notifier.watchdog_interval,
+                      notify=self.notifier.enabled, runtime_dir=self.runtime_dir)
+        self._feed(Boot())
+        while self.exit_code is None:
+            try:
+                item: Inbox | None = self.inbox.get(timeout=self._timeout())
+            except queue.Empty:
+                item = None
+            self._handle(item)
+            self._duties()
+        self._shutdown()
+        return self.exit_code
+
+    def _timeout(self) -> float:
+        now = self.clock.now()
+        times = [self.policy.next_deadline(self.state), self._next_watchdog,
+                 self._next_extend if not self.ever_ready else None,
+                 self._next_status if self.state.phase is not Phase.READY else None]
+        if self.state.phase is Phase.STOPPING:
+            times.append(now + GROUP_POLL_S)
+        present = [t for t in times if t is not None]
+        if not present:
+            return 1.0
+        return min(max(min(present) - now, 0.0), 1.0)
+
+    def _handle(self, item: Inbox | None) -> None:
+        match item:
+            case None:
+                self._feed(Tick())
+            case _Signal(signum=signal.SIGHUP):
+                self._reload()
+            case _Signal(signum=signum):
+                self.log.info("supervisor.stopping", signal=signal.Signals(signum).name)
+                self._feed(StopRequested())
+            case _Exited():
+                self._feed(self._exit_event(item))
+            case _:
+                self._feed(item)
+
+    def _duties(self) -> None:
+        """Work owed on every pass, whatever woke the loop."""
+        now = self.clock.now()
+        if self._next_watchdog is not None and now >= self._next_watchdog:
+            self.notifier.watchdog()
+            assert self.notifier.watchdog_interval is not None
+            self._next_watchdog = now + self.notifier.watchdog_interval
+        if not self.ever_ready and now >= self._next_extend:
+            self.notifier.extend_timeout(EXTEND_BY_S)
+            self._next_extend = now + EXTEND_EVERY_S
+        if self.state.phase is Phase.STOPPING and self.state.pid is not None \
+                and not self.state.group_gone and not procs.group_members(self.state.pid):
+            self._feed(GroupGone())
+        if self.state.phase is not Phase.READY and now >= self._next_status:
+            self._publish(force=True)
+        self._feed(Tick())
+
+    # -- policy ------------------------------------------------------------------------------
+
+    def _feed(self, ev: Event) -> None:
+        pending: list[Event] = [ev]
+        while pending:
+            e = pending.pop(0)
+            self.state, actions = self.policy.decide(self.state, e, self.clock.now())
+            for a in actions:
+                result = self._execute(a)
+                if result is not None:
+                    pending.append(result)
+        self._publish()
+
+    def _execute(self, a: Action) -> Event | None:
+        match a:
+            case Log(event=event, level=level):
+                getattr(self.log, level)(event, **a.as_dict())
+            case Preflight():
+                return self._preflight()
+            case Spawn():
+                return self._spawn()
+            case SignalGroup(sig=sig):
+                pgid = self.state.pid
+                if pgid is None:
+                    return GroupGone()
+                self.log.info("vllm.signal", pgid=pgid, signal=signal.Signals(sig).name)
+                if not procs.signal_group(pgid, sig):
+                    return GroupGone()
+            case StartProbe(kind=kind, pid=pid):
+                self._pool.submit(self._probe, kind, pid)
+            case NotifyReady():
+                self.ever_ready = True
+                self.notifier.ready(self.status_text())
+            case NotifyStopping():
+                self.notifier.stopping(self.status_text())
+            case Exit(code=code):
+                self.exit_code = code
+        return None
+
+    # -- actions -----------------------------------------------------------------------------
+
+    def _preflight(self) -> PreflightResult:
+        marker = command.marker_value(self.cfg)
+        orphans = procs.scan_marked(command.MARKER_ENV, marker)
+        if orphans:
+            self.log.warning("vllm.orphans_killed",
+                             pids=[o.pid for o in orphans], names=[o.name for o in orphans],
+                             hint="left by an earlier instance of this daemon")
+            for o in orphans:
+                procs.signal_pid(o.pid, signal.SIGKILL)
+            return PreflightResult(orphans_pending=True)
+        busy = procs.port_holder(self.cfg.vllm.host, self.cfg.vllm.port)
+        if busy:
+            return PreflightResult(blocked=Failure(
+                busy, f"another program holds the port: ss -ltnp 'sport = :{self.cfg.vllm.port}'",
+                code="port_busy"))
+        return PreflightResult()
+
+    def _spawn(self) -> Event:
+        spec = command.build_launch(self.cfg, self.environ)
+        level = LEVELS[self.cfg.supervisor.log_level]
+        try:
+            self.child = Child.spawn(
+                spec, sink=lambda batch: render_output(batch, level),
+                on_exit=lambda pid, rc, sig: self.inbox.put(_Exited(pid, rc, sig)))
+        except SpawnError as e:
+            return SpawnFailed(Failure(str(e), "check vllm.python", code="spawn"))
+        self.log.info("vllm.spawned", pid=self.child.pid, argv=list(spec.argv),
+                      env=spec.redacted_added())
+        return Spawned(self.child.pid)
+
+    def _exit_event(self, ex: _Exited) -> ChildExited:
+        if self.child is not None and self.child.pid == ex.pid:
+            # The last lines a dying server wrote explain its death; let the readers catch up.
+            self.child.pump.wait_drained(self.child.pump.pipes, DRAIN_WAIT_S)
+        return ChildExited(ex.pid, ex.returncode, ex.signal, None)
+
+    def _probe(self, kind: str, pid: int) -> None:
+        timeout = self.cfg.health.timeout
+        if kind == "ready":
+            out = probes.models(self._base, self.cfg.vllm.alias, self._key, min(timeout, 5.0))
+            self.inbox.put(ReadyProbe(pid, out.ok, out.reason))
+        else:
+            out = probes.live(self._base, self.cfg.vllm.alias, self._key, timeout)
+            self.inbox.put(LiveProbe(pid, out.ok, out.engine_dead, out.reason, out.probe))
+
+    # -- reload ------------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        self.notifier.reloading()
+        self.log.info("supervisor.reload_requested", config=self.cfg.path)
+        try:
+            new = load_config(self.cfg.path)
+        except ConfigError as e:
+            errors = [str(i) for i in e.issues]
+            self.config_error = errors[0] + (f" (+{len(errors) - 1} more)" if len(errors) > 1
+                                             else "")
+            self.log.error("supervisor.reload_rejected", errors=errors,
+                           hint="the running configuration stays in force")
+        else:
+            restart = new.launch_key() != self.cfg.launch_key()
+            self.config_error = None
+            self._apply(new)
+            self.log.info("supervisor.reloaded", restart_vllm=restart)
+            if restart:
+                self._feed(RestartRequested("configuration changed"))
+        self._publish(force=True)
+        if self.ever_ready:
+            self.notifier.ready(self.status_text())
+
+    def _apply(self, new: Config) -> None:
+        self.cfg = new
+        self.policy = replace(self.policy, health=new.health, restart=new.restart)
+        self._base = probes.base_url(new.vllm.host, new.vllm.port)
+        self._key = command.api_key(new)
+        configure(new.supervisor.log_format, new.supervisor.log_level)
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status_text(self) -> str:
+        s, now, v = self.state, self.clock.now(), self.cfg.vllm
+        parts = [f"{s.phase}: {v.alias} on {v.host}:{v.port}"]
+        if s.phase is Phase.LOADING and s.spawned_at is not None:
+            parts[0] += f" (loading {format_duration(now - s.spawned_at)})"
+        elif s.phase in (Phase.READY, Phase.UNHEALTHY) and s.ready_at is not None:
+            parts[0] += f" (up {format_duration(now - s.ready_at)})"
+        elif s.phase is Phase.BACKOFF and s.wake_at is not None:
+            parts[0] += f" (next start in {format_duration(max(0.0, s.wake_at - now))})"
+        parts.append(f"restarts={s.restarts}")
+        if s.last_failure is not None:
+            parts.append(f"last failure: {s.last_failure.cause}")
+        if self.config_error:
+            parts.append(f"reload rejected: {self.config_error}")
+        return "; ".join(parts)
+
+    def state_record(self) -> dict[str, Any]:
+        s = self.state
+        f = s.last_failure
+        wall = time.time() - (self.clock.now() - s.since)
+        return {
+            "phase": str(s.phase), "pid": s.pid, "supervisor_pid": os.getpid(),
+            "alias": self.cfg.vllm.alias, "host": self.cfg.vllm.host, "port": self.cfg.vllm.port,
+            "since": round(wall, 3), "restarts": s.restarts,
+            "last_failure": None if f is None else {"cause": f.cause, "hint": f.hint,
+                                                   "code": f.code, "severity": str(f.severity)},
+            "config": self.cfg.path, "config_error": self.config_error,
+            "status": self.status_text(),
+        }
+
+    def _publish(self, force: bool = False) -> None:
+        s = self.state
+        key = (s.phase, s.pid, s.restarts, s.last_failure, self.config_error)
+        if key == self._published and not force:
+            return
+        self._published = key
+        self._next_status = self.clock.now() + STATUS_REFRESH_S
+        self.notifier.status(self.status_text())
+        try:
+            write_state(self.runtime_dir, self.state_record())
+        except OSError as e:
+            self.log.warning("supervisor.state_write_failed", dir=self.runtime_dir,
+                             error=e.strerror)
+
+    # -- signals and shutdown ------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        def record(signum: int, _frame: object) -> None:
+            self.inbox.put(_Signal(signum))  # SimpleQueue.put is reentrant: safe here
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, record)
+
+    def _shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.child is not None:
+            self.child.pump.close(timeout=1.0)
+        self.log.info("supervisor.stopped", exit_code=self.exit_code, restarts=self.state.restarts,
+                      reason=self.state.last_failure.cause if self.state.last_failure else None)
+
+
+def run(cfg: Config) -> int:
+    configure(cfg.supervisor.log_format, cfg.supervisor.log_level)
+    return Supervisor(cfg).run()
+
