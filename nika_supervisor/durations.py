@@ -1,4 +1,4 @@
-"""Durations as operators write them: "500ms", "10s", "5m", "2h", "1d" or a plain number of seconds."""
+"""Durations ("500ms", "10s", "5m", "2h", "1d" or plain seconds) and sizes ("20GiB")."""
 
 from __future__ import annotations
 

@@ -14,5 +14,7 @@ class ExitCode(IntEnum):
     NO_STATE = 4  # `status`: no state file, the daemon is not running
     GAVE_UP = 69  # EX_UNAVAILABLE: restart budget exhausted (systemd restarts, StartLimit* applies)
     CONFIG = 78  # EX_CONFIG: invalid configuration (RestartPreventExitStatus)
-    MODEL_PROBLEM = 79  # deterministic vLLM failure: bad flag, model, arch (RestartPreventExitStatus)
-    GPU_FATAL = 80  # GPU lost, reset required, driver mismatch, NVML required (RestartPreventExitStatus)
+    # deterministic vLLM failure: bad flag, missing model, arch (RestartPreventExitStatus)
+    MODEL_PROBLEM = 79
+    # GPU lost, reset required, driver mismatch, NVML required (RestartPreventExitStatus)
+    GPU_FATAL = 80
