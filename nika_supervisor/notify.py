@@ -7,22 +7,41 @@ Abstract socket addresses ("@name") are handled by sdnotify. Protocol: sd_notify
 from __future__ import annotations
 
 import os
+import socket
 import time
+from collections.abc import Mapping
 
 import sdnotify
 
 
+class _Transport(sdnotify.SystemdNotifier):  # type: ignore[misc]
+    """sdnotify's sender, pointed at an address we choose (it would read os.environ itself).
+    Like sd_notify(3), a failed send is ignored: systemd going away must not kill vLLM."""
+
+    def __init__(self, address: str) -> None:
+        self.debug = False
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.socket.connect("\0" + address[1:] if address.startswith("@") else address)
+        except OSError:
+            self.socket.close()
+            self.socket = None
+
+
 class Notifier:
-    def __init__(self, environ: dict[str, str] | None = None) -> None:
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
-        self.enabled = bool(env.get("NOTIFY_SOCKET"))
-        self._sd = sdnotify.SystemdNotifier() if self.enabled else None
+        address = env.get("NOTIFY_SOCKET", "")
+        self.enabled = bool(address)
+        self._sd = _Transport(address) if address else None
         self.watchdog_interval = watchdog_interval(env, os.getpid())
         self._last_status: str | None = None
 
     def send(self, *lines: str) -> None:
         if self._sd is not None:
-            self._sd.notify("\n".join(lines))
+            # sdnotify encodes latin-1 and would drop a message it cannot encode, silently.
+            text = "\n".join(lines).encode("latin-1", "replace").decode("latin-1")
+            self._sd.notify(text)
 
     def ready(self, status: str) -> None:
         self._last_status = status
@@ -50,7 +69,7 @@ class Notifier:
         self.send("WATCHDOG=1")
 
 
-def watchdog_interval(env: dict[str, str] | os._Environ[str], pid: int) -> float | None:
+def watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
     """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None when the watchdog is
     off or meant for another process (WATCHDOG_PID set and not ours). sd_watchdog_enabled(3)."""
     usec = env.get("WATCHDOG_USEC")
