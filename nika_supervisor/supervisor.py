@@ -59,7 +59,8 @@ from nika_supervisor.states import Phase
 
 EXTEND_EVERY_S = 5.0  # while activating: EXTEND_TIMEOUT_USEC this often ...
 EXTEND_BY_S = 20.0  # ... by this much, so a hung daemon still times out its start
-STATUS_REFRESH_S = 5.0  # refresh elapsed times in STATUS while not ready
+STATUS_REFRESH_S = 5.0  # refresh elapsed times in STATUS while not ready ...
+READY_STATUS_REFRESH_S = 60.0  # ... and the uptime while ready
 GROUP_POLL_S = 0.05  # while STOPPING, look for survivors of the group this often
 DRAIN_WAIT_S = 0.1  # at exit, wait this long at most for the child's last lines
 
@@ -131,8 +132,7 @@ class Supervisor:
     def _timeout(self) -> float:
         now = self.clock.now()
         times = [self.policy.next_deadline(self.state), self._next_watchdog,
-                 self._next_extend if not self.ever_ready else None,
-                 self._next_status if self.state.phase is not Phase.READY else None]
+                 self._next_extend if not self.ever_ready else None, self._next_status]
         if self.state.phase is Phase.STOPPING:
             times.append(now + GROUP_POLL_S)
         present = [t for t in times if t is not None]
@@ -167,8 +167,7 @@ class Supervisor:
         if self.state.phase is Phase.STOPPING and self.state.pid is not None \
                 and not self.state.group_gone and not procs.group_members(self.state.pid):
             self._feed(GroupGone())
-        if self.state.phase is not Phase.READY and now >= self._next_status:
-            self._publish(force=True)
+        self._publish()
         self._feed(Tick())
 
     # -- policy ------------------------------------------------------------------------------
@@ -321,13 +320,20 @@ class Supervisor:
         }
 
     def _publish(self, force: bool = False) -> None:
+        """STATUS= when its text changes (elapsed times refresh every few seconds); the state
+        file when anything but elapsed time changes."""
+        now = self.clock.now()
         s = self.state
         key = (s.phase, s.pid, s.restarts, s.last_failure, self.config_error)
-        if key == self._published and not force:
+        changed = key != self._published
+        if not (changed or force or now >= self._next_status):
+            return
+        self._next_status = now + (STATUS_REFRESH_S if s.phase is not Phase.READY
+                                   else READY_STATUS_REFRESH_S)
+        self.notifier.status(self.status_text())
+        if not (changed or force):
             return
         self._published = key
-        self._next_status = self.clock.now() + STATUS_REFRESH_S
-        self.notifier.status(self.status_text())
         try:
             write_state(self.runtime_dir, self.state_record())
         except OSError as e:
