@@ -38,7 +38,7 @@ lint: venv
 	$(VENV)/bin/mypy
 
 bench: venv
-	$(VENV)/bin/python bench/run.py
+	$(VENV)/bin/python bench/supervisor_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
