@@ -20,12 +20,14 @@ class _Transport(sdnotify.SystemdNotifier):  # type: ignore[misc]
 
     def __init__(self, address: str) -> None:
         self.debug = False
-        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            self.socket.connect("\0" + address[1:] if address.startswith("@") else address)
+            sock.connect("\0" + address[1:] if address.startswith("@") else address)
         except OSError:
-            self.socket.close()
-            self.socket = None
+            sock.close()
+            self.socket: socket.socket | None = None
+        else:
+            self.socket = sock
 
 
 class Notifier:

@@ -26,6 +26,14 @@ from nika_supervisor.clock import Clock, MonotonicClock
 from nika_supervisor.config import Config, load_config
 from nika_supervisor.durations import format_duration
 from nika_supervisor.errors import ConfigError, SpawnError
+from nika_supervisor.gpu import (
+    FailureClass,
+    GpuFinding,
+    GpuMonitor,
+    GpuSample,
+    check_residency,
+    residency_threshold,
+)
 from nika_supervisor.log import LEVELS, configure, get_logger, render_output
 from nika_supervisor.notify import Notifier
 from nika_supervisor.policy import (
@@ -35,6 +43,7 @@ from nika_supervisor.policy import (
     Event,
     Exit,
     Failure,
+    Fault,
     GroupGone,
     LiveProbe,
     Log,
@@ -45,6 +54,7 @@ from nika_supervisor.policy import (
     PreflightResult,
     ReadyProbe,
     RestartRequested,
+    Severity,
     SignalGroup,
     Spawn,
     Spawned,
@@ -77,7 +87,7 @@ class _Exited:
     signal: int | None
 
 
-Inbox = Event | _Signal | _Exited
+Inbox = Event | _Signal | _Exited | GpuFinding
 
 
 class Supervisor:
@@ -105,6 +115,12 @@ class Supervisor:
         self._next_extend = 0.0
         self._next_status = 0.0
         self._published: tuple[object, ...] = ()
+        self.gpu = (GpuMonitor(cfg.gpu, vllm_env=cfg.vllm.env_dict, emit=self.inbox.put)
+                    if cfg.gpu.nvml != "off" else None)
+        self.gpu_sample: GpuSample | None = None
+        self._next_gpu_sample = 0.0
+        self._next_gpu_log = 0.0
+        self._residency: tuple[int, int | None] | None = None  # (pid, threshold bytes)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -118,7 +134,18 @@ class Supervisor:
                       entrypoint=self.cfg.vllm.entrypoint,
                       watchdog_s=self.notifier.watchdog_interval,
                       notify=self.notifier.enabled, runtime_dir=self.runtime_dir)
-        self._feed(Boot())
+        if self.gpu is not None:
+            finding = self.gpu.start()
+            self.log.info("gpu.started", nvml=self.cfg.gpu.nvml, state=str(self.gpu.state),
+                          devices=list(self.gpu.devices),
+                          events=self.gpu.events_supported)
+            if finding is not None:
+                self._gpu_finding(finding)
+            if self.gpu.state == "off":  # optional and unavailable: HTTP checks only
+                self.gpu.close()
+                self.gpu = None
+        if self.exit_code is None:
+            self._feed(Boot())
         while self.exit_code is None:
             try:
                 item: Inbox | None = self.inbox.get(timeout=self._timeout())
@@ -132,6 +159,7 @@ class Supervisor:
     def _timeout(self) -> float:
         now = self.clock.now()
         times = [self.policy.next_deadline(self.state), self._next_watchdog,
+                 self._next_gpu_sample if self.gpu is not None else None,
                  self._next_extend if not self.ever_ready else None, self._next_status]
         if self.state.phase is Phase.STOPPING:
             times.append(now + GROUP_POLL_S)
@@ -151,6 +179,8 @@ class Supervisor:
                 self._feed(StopRequested())
             case _Exited():
                 self._feed(self._exit_event(item))
+            case GpuFinding():
+                self._gpu_finding(item)
             case _:
                 self._feed(item)
 
@@ -167,6 +197,8 @@ class Supervisor:
         if self.state.phase is Phase.STOPPING and self.state.pid is not None \
                 and not self.state.group_gone and not procs.group_members(self.state.pid):
             self._feed(GroupGone())
+        if self.gpu is not None and now >= self._next_gpu_sample:
+            self._sample_gpu(now)
         self._publish()
         self._feed(Tick())
 
@@ -226,6 +258,15 @@ class Supervisor:
             return PreflightResult(blocked=Failure(
                 busy, f"another program holds the port: ss -ltnp 'sport = :{self.cfg.vllm.port}'",
                 code="port_busy"))
+        if self.gpu is not None:
+            pf = self.gpu.preflight(command.MARKER_ENV, marker, own_pgid=None)
+            if pf.foreign:
+                self.log.warning("gpu.foreign_holders", holders=[h.describe() for h in pf.foreign],
+                                 refused=pf.refuse_reason is not None)
+            if pf.refuse_reason:
+                return PreflightResult(blocked=Failure(
+                    pf.refuse_reason, "end those processes, or set gpu.stale_holders: report",
+                    code="gpu.foreign_holders"))
         return PreflightResult()
 
     def _spawn(self) -> Event:
@@ -255,6 +296,49 @@ class Supervisor:
         else:
             out = probes.live(self._base, self.cfg.vllm.alias, self._key, timeout)
             self.inbox.put(LiveProbe(pid, out.ok, out.engine_dead, out.reason, out.probe))
+
+    # -- GPU ---------------------------------------------------------------------------------
+
+    def _gpu_finding(self, f: GpuFinding) -> None:
+        """The GPU monitor's verdicts, mapped onto the policy (docs/gpu-snippet.md)."""
+        if f.klass is FailureClass.WARN:
+            self.log.warning("gpu.finding", **f.fields())
+            return
+        if f.klass is FailureClass.FATAL:
+            self.log.critical("gpu.fatal", **f.fields())
+            self._feed(Fault(Failure(f.reason, f.hint, Severity.GPU_FATAL, f.code)))
+            return
+        # RESTART: only about a vLLM that is running. Xids 43/45 also follow our own kill.
+        if self.state.phase in (Phase.LOADING, Phase.READY, Phase.UNHEALTHY):
+            self.log.error("gpu.finding", **f.fields())
+            self._feed(Fault(Failure(f.reason, f.hint, Severity.RETRY, f.code)))
+        else:
+            self.log.info("gpu.finding_ignored", phase=str(self.state.phase), **f.fields())
+
+    def _sample_gpu(self, now: float) -> None:
+        """Sample every health.interval: findings and residency; log gpu.sample less often."""
+        assert self.gpu is not None
+        s = self.state
+        pids = [p.pid for p in procs.group_members(s.pid)] if s.pid is not None else []
+        sample = self.gpu.sample(pids, now)
+        self.gpu_sample = sample
+        self._next_gpu_sample = now + self.cfg.health.interval
+        if now >= self._next_gpu_log:
+            self._next_gpu_log = now + self.cfg.gpu.sample_interval
+            self.log.info("gpu.sample", **sample.fields())
+        for f in sample.findings:
+            self._gpu_finding(f)
+        if s.phase is Phase.READY and s.pid is not None and self.state.pid == s.pid:
+            if self._residency is None or self._residency[0] != s.pid:
+                threshold = residency_threshold(self.cfg.gpu.min_resident_memory,
+                                                sample.vllm_resident_bytes)
+                self._residency = (s.pid, threshold)
+                if threshold is not None:
+                    self.log.info("gpu.residency", pid=s.pid, held=sample.vllm_resident_bytes,
+                                  min_resident=threshold)
+            finding = check_residency(self._residency[1], sample.vllm_resident_bytes)
+            if finding is not None:
+                self._gpu_finding(finding)
 
     # -- reload ------------------------------------------------------------------------------
 
@@ -299,6 +383,8 @@ class Supervisor:
         elif s.phase is Phase.BACKOFF and s.wake_at is not None:
             parts[0] += f" (next start in {format_duration(max(0.0, s.wake_at - now))})"
         parts.append(f"restarts={s.restarts}")
+        if self.gpu_sample is not None and self.gpu_sample.status_text():
+            parts.append(self.gpu_sample.status_text())
         if s.last_failure is not None:
             parts.append(f"last failure: {s.last_failure.cause}")
         if self.config_error:
@@ -351,6 +437,8 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.gpu is not None:
+            self.gpu.close()
         if self.child is not None:
             self.child.pump.close(timeout=1.0)
         self.log.info("supervisor.stopped", exit_code=self.exit_code, restarts=self.state.restarts,
