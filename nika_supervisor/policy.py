@@ -102,6 +102,7 @@ class LiveProbe:
     engine_dead: bool = False
     reason: str = ""
     probe: str = "health"
+    diagnosis: Failure | None = None  # what vLLM's output says, when the engine is dead
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,8 +472,10 @@ class Policy:
         if ev.engine_dead:
             acts.append(log("health.failed", "error", probe=ev.probe, reason=ev.reason,
                             consecutive=s.failures + 1, engine_dead=True))
-            f = Failure(f"engine dead: {ev.reason}", "vLLM's engine died; see its output above",
-                        code="engine_dead")
+            d = ev.diagnosis
+            f = (replace(d, cause=f"engine dead ({ev.reason}): {d.cause}") if d is not None
+                 else Failure(f"engine dead: {ev.reason}",
+                              "vLLM's engine died; see its output above", code="engine_dead"))
             return self._fail(s, now, f, acts)
         failures = s.failures + 1
         acts.append(log("health.failed", "warning", probe=ev.probe, reason=ev.reason,
@@ -495,6 +498,7 @@ class Policy:
                         signal=signal_name(ev.signal), requested=requested,
                         cause=None if requested else failure.cause,
                         hint=None if requested else failure.hint,
+                        diagnosis=None if requested else failure.code,
                         phase=str(s.phase)))
         s = replace(s, child_exited=True)
         if requested:

@@ -24,6 +24,7 @@ from nika_supervisor import command, probes, procs
 from nika_supervisor.child import Child
 from nika_supervisor.clock import Clock, MonotonicClock
 from nika_supervisor.config import Config, load_config
+from nika_supervisor.diagnosis import Diagnoser, Diagnosis, Verdict
 from nika_supervisor.durations import format_duration
 from nika_supervisor.errors import ConfigError, SpawnError
 from nika_supervisor.gpu import (
@@ -115,6 +116,7 @@ class Supervisor:
         self._next_extend = 0.0
         self._next_status = 0.0
         self._published: tuple[object, ...] = ()
+        self.diagnoser = Diagnoser.load()
         self.gpu = (GpuMonitor(cfg.gpu, vllm_env=cfg.vllm.env_dict, emit=self.inbox.put)
                     if cfg.gpu.nvml != "off" else None)
         self.gpu_sample: GpuSample | None = None
@@ -181,6 +183,8 @@ class Supervisor:
                 self._feed(self._exit_event(item))
             case GpuFinding():
                 self._gpu_finding(item)
+            case LiveProbe():
+                self._feed(self._handle_live(item))
             case _:
                 self._feed(item)
 
@@ -272,10 +276,12 @@ class Supervisor:
     def _spawn(self) -> Event:
         spec = command.build_launch(self.cfg, self.environ)
         level = LEVELS[self.cfg.supervisor.log_level]
+        self.diagnoser.reset()
         try:
             self.child = Child.spawn(
                 spec, sink=lambda batch: render_output(batch, level),
-                on_exit=lambda pid, rc, sig: self.inbox.put(_Exited(pid, rc, sig)))
+                on_exit=lambda pid, rc, sig: self.inbox.put(_Exited(pid, rc, sig)),
+                tap=self.diagnoser.feed)
         except SpawnError as e:
             return SpawnFailed(Failure(str(e), "check vllm.python", code="spawn"))
         self.log.info("vllm.spawned", pid=self.child.pid, argv=list(spec.argv),
@@ -283,10 +289,25 @@ class Supervisor:
         return Spawned(self.child.pid)
 
     def _exit_event(self, ex: _Exited) -> ChildExited:
-        if self.child is not None and self.child.pid == ex.pid:
-            # The last lines a dying server wrote explain its death; let the readers catch up.
-            self.child.pump.wait_drained(self.child.pump.pipes, DRAIN_WAIT_S)
-        return ChildExited(ex.pid, ex.returncode, ex.signal, None)
+        if self.child is None or self.child.pid != ex.pid:
+            return ChildExited(ex.pid, ex.returncode, ex.signal, None)
+        # The last lines a dying server wrote explain its death; let the readers catch up.
+        self.child.pump.wait_drained(self.child.pump.pipes, DRAIN_WAIT_S)
+        diagnosis = None
+        if self.state.phase is not Phase.STOPPING:  # an exit we did not ask for
+            diagnosis = self._diagnose(ex.returncode, ex.signal,
+                                       during_startup=self.state.phase is Phase.LOADING)
+        return ChildExited(ex.pid, ex.returncode, ex.signal, diagnosis)
+
+    def _diagnose(self, returncode: int | None, sig: int | None,
+                  during_startup: bool) -> Failure | None:
+        d: Diagnosis | None = self.diagnoser.conclude(returncode, sig, during_startup)
+        if d is None:
+            return None
+        # retry-after-cleanup: every restart here follows a cleanup of the whole group; the
+        # diagnoser itself turns the same cause twice in a row into give-up.
+        severity = Severity.MODEL if d.verdict is Verdict.GIVE_UP else Severity.RETRY
+        return Failure(d.cause, d.hint, severity, d.id)
 
     def _probe(self, kind: str, pid: int) -> None:
         timeout = self.cfg.health.timeout
@@ -296,6 +317,12 @@ class Supervisor:
         else:
             out = probes.live(self._base, self.cfg.vllm.alias, self._key, timeout)
             self.inbox.put(LiveProbe(pid, out.ok, out.engine_dead, out.reason, out.probe))
+
+    def _handle_live(self, ev: LiveProbe) -> LiveProbe:
+        """An engine-dead answer gets the cause from vLLM's output, on the main thread."""
+        if ev.engine_dead and ev.pid == self.state.pid:
+            return replace(ev, diagnosis=self._diagnose(None, None, during_startup=False))
+        return ev
 
     # -- GPU ---------------------------------------------------------------------------------
 
