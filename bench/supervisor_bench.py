@@ -159,8 +159,8 @@ def bench_crash_and_ready(work: Path, crashes: int) -> dict[str, Any]:
         for _ in range(crashes):
             spawned_t, spawned = max(((t, e) for t, e in d.events
                                       if e.get("event") == "vllm.spawned"), key=lambda x: x[0])
-            listed = d.standin_file("listed_at")
             ready_note = d.wait_note("READY=1", after=spawned_t)
+            listed = d.standin_file("listed_at")
             if listed:
                 ready_lag.append(ready_note - float(listed))
             pid = spawned["pid"]

@@ -250,7 +250,7 @@ class Policy:
     def _goto(self, s: State, phase: Phase, now: float, reason: str, acts: list[Action]) -> State:
         if phase == s.phase:
             raise AssertionError(f"no-op transition {phase} -> {phase} ({reason})")
-        acts.append(log("phase.changed", "debug", **{"from": str(s.phase), "to": str(phase),
+        acts.append(log("phase.changed", "info", **{"from": str(s.phase), "to": str(phase),
                                                       "reason": reason}))
         return replace(s, phase=phase, since=now,
                        transitions=(*s.transitions, (s.phase, phase, reason)))

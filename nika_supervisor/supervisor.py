@@ -36,6 +36,13 @@ from nika_supervisor.gpu import (
     residency_threshold,
 )
 from nika_supervisor.log import LEVELS, configure, get_logger, render_output
+from nika_supervisor.metrics import (
+    CanaryScheduler,
+    StallRule,
+    VllmMetrics,
+    parse_metrics,
+    slow_mode_hints,
+)
 from nika_supervisor.notify import Notifier
 from nika_supervisor.policy import (
     Action,
@@ -88,7 +95,21 @@ class _Exited:
     signal: int | None
 
 
-Inbox = Event | _Signal | _Exited | GpuFinding
+@dataclass(frozen=True, slots=True)
+class _Metrics:
+    pid: int
+    metrics: VllmMetrics | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Generated:
+    pid: int
+    purpose: str  # "canary" | "speed"
+    result: probes.Generation
+
+
+Inbox = Event | _Signal | _Exited | GpuFinding | _Metrics | _Generated
+SLOW_MODE_TOKENS = 16  # the short generation timed once after READY
 
 
 class Supervisor:
@@ -106,10 +127,15 @@ class Supervisor:
         self.child: Child | None = None
         self.exit_code: int | None = None
         self.ever_ready = False
+        # A reload that restarts vLLM completes (READY=1) only when the new vLLM answers, so
+        # that systemd shows "reloading", not "active", while the model is down.
+        self._reload_pending = False
         self.config_error: str | None = None
         self.boot_at = self.clock.now()
         self.runtime_dir = cfg.supervisor.runtime_dir or default_runtime_dir(self.environ)
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="probe")
+        # Live probes overlap while a server hangs (timeout / interval of them), plus one
+        # metrics read, one canary and one speed check.
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="probe")
         self._base = probes.base_url(cfg.vllm.host, cfg.vllm.port)
         self._key = command.api_key(cfg)
         self._next_watchdog: float | None = None
@@ -117,6 +143,11 @@ class Supervisor:
         self._next_status = 0.0
         self._published: tuple[object, ...] = ()
         self.diagnoser = Diagnoser.load()
+        self.stall = StallRule(cfg.health.stall_after)
+        self.canary = CanaryScheduler(cfg.health.canary_interval)
+        self._next_deep = 0.0
+        self._deep_busy: set[str] = set()  # "metrics", "canary", "speed" in flight
+        self._speed_checked: int | None = None  # pid whose speed was timed
         self.gpu = (GpuMonitor(cfg.gpu, vllm_env=cfg.vllm.env_dict, emit=self.inbox.put)
                     if cfg.gpu.nvml != "off" else None)
         self.gpu_sample: GpuSample | None = None
@@ -162,7 +193,10 @@ class Supervisor:
         now = self.clock.now()
         times = [self.policy.next_deadline(self.state), self._next_watchdog,
                  self._next_gpu_sample if self.gpu is not None else None,
-                 self._next_extend if not self.ever_ready else None, self._next_status]
+                 self._next_deep if self.state.phase in (Phase.READY, Phase.UNHEALTHY)
+                 else None,
+                 self._next_extend if not self.ever_ready or self._reload_pending else None,
+                 self._next_status]
         if self.state.phase is Phase.STOPPING:
             times.append(now + GROUP_POLL_S)
         present = [t for t in times if t is not None]
@@ -185,6 +219,10 @@ class Supervisor:
                 self._gpu_finding(item)
             case LiveProbe():
                 self._feed(self._handle_live(item))
+            case _Metrics():
+                self._on_metrics(item)
+            case _Generated():
+                self._on_generated(item)
             case _:
                 self._feed(item)
 
@@ -195,7 +233,7 @@ class Supervisor:
             self.notifier.watchdog()
             assert self.notifier.watchdog_interval is not None
             self._next_watchdog = now + self.notifier.watchdog_interval
-        if not self.ever_ready and now >= self._next_extend:
+        if (not self.ever_ready or self._reload_pending) and now >= self._next_extend:
             self.notifier.extend_timeout(EXTEND_BY_S)
             self._next_extend = now + EXTEND_EVERY_S
         if self.state.phase is Phase.STOPPING and self.state.pid is not None \
@@ -203,6 +241,8 @@ class Supervisor:
             self._feed(GroupGone())
         if self.gpu is not None and now >= self._next_gpu_sample:
             self._sample_gpu(now)
+        if self.state.phase in (Phase.READY, Phase.UNHEALTHY):
+            self._deep_duties(now)
         self._publish()
         self._feed(Tick())
 
@@ -234,10 +274,16 @@ class Supervisor:
                 self.log.info("vllm.signal", pgid=pgid, signal=signal.Signals(sig).name)
                 if not procs.signal_group(pgid, sig):
                     return GroupGone()
+                if sig == signal.SIGTERM:
+                    # A stopped (SIGSTOPped, hung-in-T) process keeps SIGTERM pending until it
+                    # runs again; systemd sends SIGCONT after its kill signal for the same
+                    # reason (systemd.kill(5), KillSignal=).
+                    procs.signal_group(pgid, signal.SIGCONT)
             case StartProbe(kind=kind, pid=pid):
                 self._pool.submit(self._probe, kind, pid)
             case NotifyReady():
                 self.ever_ready = True
+                self._reload_pending = False
                 self.notifier.ready(self.status_text())
             case NotifyStopping():
                 self.notifier.stopping(self.status_text())
@@ -277,6 +323,8 @@ class Supervisor:
         spec = command.build_launch(self.cfg, self.environ)
         level = LEVELS[self.cfg.supervisor.log_level]
         self.diagnoser.reset()
+        self.stall.reset()
+        self.canary.reset()
         try:
             self.child = Child.spawn(
                 spec, sink=lambda batch: render_output(batch, level),
@@ -323,6 +371,79 @@ class Supervisor:
         if ev.engine_dead and ev.pid == self.state.pid:
             return replace(ev, diagnosis=self._diagnose(None, None, during_startup=False))
         return ev
+
+    # -- deep liveness: /metrics stall rule, canary completion, slow mode ----------------------
+
+    def _deep_duties(self, now: float) -> None:
+        """While serving: read /metrics every health.interval (stall rule and canary schedule
+        are pure, in metrics.py); time one short generation per vLLM (slow mode)."""
+        pid = self.state.pid
+        assert pid is not None
+        h = self.cfg.health
+        if (h.stall_after > 0 or h.canary_interval > 0) and now >= self._next_deep \
+                and "metrics" not in self._deep_busy:
+            self._next_deep = now + h.interval
+            self._deep_busy.add("metrics")
+            self._pool.submit(self._read_metrics, pid)
+        if h.min_tokens_per_s > 0 and self._speed_checked != pid and "speed" not in self._deep_busy:
+            self._speed_checked = pid
+            self._deep_busy.add("speed")
+            self._pool.submit(self._generate, pid, "speed", SLOW_MODE_TOKENS)
+
+    def _read_metrics(self, pid: int) -> None:
+        text = probes.metrics_text(self._base, self.cfg.health.timeout)
+        self.inbox.put(_Metrics(pid, parse_metrics(text) if text else None))
+
+    def _generate(self, pid: int, purpose: str, max_tokens: int) -> None:
+        g = probes.complete(self._base, self.cfg.vllm.alias, self._key,
+                            self.cfg.health.canary_timeout, max_tokens=max_tokens)
+        self.inbox.put(_Generated(pid, purpose, g))
+
+    def _on_metrics(self, ev: _Metrics) -> None:
+        self._deep_busy.discard("metrics")
+        if ev.pid != self.state.pid or self.state.phase not in (Phase.READY, Phase.UNHEALTHY):
+            return
+        now = self.clock.now()
+        if ev.metrics is not None:
+            why = self.stall.observe(now, ev.metrics)
+            if why:
+                self.log.error("stall.detected", reason=why)
+                self._feed(Fault(Failure(f"engine stalled: {why}",
+                                         "vLLM's engine makes no progress; see its output",
+                                         code="stall")))
+                return
+        if "canary" not in self._deep_busy and self.canary.due(now, ev.metrics):
+            self.canary.sent(now, ev.metrics.generation_tokens if ev.metrics else None)
+            self._deep_busy.add("canary")
+            self._pool.submit(self._generate, ev.pid, "canary", 1)
+
+    def _on_generated(self, ev: _Generated) -> None:
+        self._deep_busy.discard(ev.purpose)
+        if ev.pid != self.state.pid or self.state.phase not in (Phase.READY, Phase.UNHEALTHY):
+            return
+        g = ev.result
+        if ev.purpose == "canary":
+            if g.ok:
+                self.log.debug("canary.ok", seconds=round(g.seconds, 3))
+                return
+            self.log.error("canary.failed", reason=g.reason, seconds=round(g.seconds, 3))
+            self._feed(Fault(Failure(
+                f"canary completion failed: {g.reason}",
+                "/health and /v1/models may still answer while the engine is frozen; "
+                "vLLM is restarted", code="canary")))
+            return
+        if not g.ok or g.seconds <= 0:
+            self.log.warning("speed.unmeasured", reason=g.reason)
+            return
+        tps = g.tokens / g.seconds
+        spec_env = command.build_launch(self.cfg, self.environ, read_secret=False).env
+        hints = slow_mode_hints(tps, self.cfg.health.min_tokens_per_s, spec_env,
+                                dict(self.cfg.vllm.args))
+        if hints:
+            self.log.warning("vllm.slow_mode", tokens_per_s=round(tps, 2),
+                             minimum=self.cfg.health.min_tokens_per_s, hints=hints)
+        else:
+            self.log.info("vllm.speed", tokens_per_s=round(tps, 2), tokens=g.tokens)
 
     # -- GPU ---------------------------------------------------------------------------------
 
@@ -385,15 +506,20 @@ class Supervisor:
             self.config_error = None
             self._apply(new)
             self.log.info("supervisor.reloaded", restart_vllm=restart)
+            if restart and self.ever_ready and self.state.pid is not None:
+                self._reload_pending = True  # READY=1 when the new vLLM answers
+                self._next_extend = 0.0
             if restart:
                 self._feed(RestartRequested("configuration changed"))
         self._publish(force=True)
-        if self.ever_ready:
+        if self.ever_ready and not self._reload_pending:
             self.notifier.ready(self.status_text())
 
     def _apply(self, new: Config) -> None:
         self.cfg = new
         self.policy = replace(self.policy, health=new.health, restart=new.restart)
+        self.stall.stall_after = new.health.stall_after
+        self.canary.interval = new.health.canary_interval
         self._base = probes.base_url(new.vllm.host, new.vllm.port)
         self._key = command.api_key(new)
         configure(new.supervisor.log_format, new.supervisor.log_level)
