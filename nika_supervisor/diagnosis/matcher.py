@@ -17,6 +17,7 @@ next vLLM run becomes give-up: the cleanup did not help.
 from __future__ import annotations
 
 import collections
+import itertools
 import re
 import signal as signal_mod
 import threading
@@ -66,7 +67,10 @@ class _Hit(NamedTuple):
 
 
 def exit_text(returncode: int | None, sig: int | None) -> str:
-    """'exited with status 2' / 'was killed by SIGKILL': what `{exit}` renders as."""
+    """'exited with code 2' / 'was killed by SIGKILL': what `{exit}` renders as.
+
+    Both None: vLLM is still running but its engine is dead (/health answered 503), which
+    the supervisor diagnoses before it stops the server: 'stopped serving'."""
     if sig is not None:
         try:
             name = signal_mod.Signals(sig).name
@@ -74,8 +78,8 @@ def exit_text(returncode: int | None, sig: int | None) -> str:
             name = f"signal {sig}"
         return f"was killed by {name}"
     if returncode is not None:
-        return f"exited with status {returncode}"
-    return "ended"
+        return f"exited with code {returncode}"
+    return "stopped serving"
 
 
 def _cut(line: str) -> str:
@@ -92,7 +96,7 @@ class Diagnoser:
         self._prefilter = table.prefilter
         self._lock = threading.Lock()
         self._ring: collections.deque[str] = collections.deque(maxlen=RING_LINES)
-        self._seq = 0
+        self._counter = itertools.count(1)  # next() is atomic under the GIL
         self._hits: dict[str, _Hit] = {}
         self._errors: collections.deque[tuple[int, str]] = collections.deque(maxlen=ERROR_LINES)
         self._last: Diagnosis | None = None  # the previous run's diagnosis (kept by reset)
@@ -106,34 +110,51 @@ class Diagnoser:
         """A new vLLM child starts: forget the previous child's lines and matches."""
         with self._lock:
             self._ring.clear()
-            self._seq = 0
+            self._counter = itertools.count(1)
             self._hits = {}
             self._errors.clear()
 
     def feed(self, line: str) -> None:
-        """One line of vLLM's output. Called from the log pump's reader threads."""
-        with self._lock:
-            self._seq += 1
-            self._ring.append(line)
-            for p in self._prefilter:
-                if p in line:
-                    break
-            else:
-                return
-            self._match(line)
+        """One line of vLLM's output. Called from the log pump's reader threads.
 
-    def _match(self, line: str) -> None:
+        The common path takes no lock: next() on itertools.count and deque.append are
+        atomic in CPython. Only a line that passes the prefilter is matched under the lock.
+        """
+        seq = next(self._counter)
+        self._ring.append(line)
+        for p in self._prefilter:
+            if p in line:
+                break
+        else:
+            return
+        with self._lock:
+            self._match(line, seq)
+
+    def _match(self, line: str, seq: int) -> None:
         # Only lines that passed the prefilter get here; the lock is held.
         m = _ERROR_LINE.match(line, 0, 4096)
         if m is not None:
-            self._errors.append((self._seq, _cut(m.group("error"))))
+            self._errors.append((seq, _cut(m.group("error"))))
         for sig in self.table.signatures:
             if sig.id in self._hits:
                 continue
             m = sig.match(line)
             if m is not None:
                 groups = {k: v for k, v in m.groupdict().items() if v is not None}
-                self._hits[sig.id] = _Hit(self._order[sig.id], self._seq, _cut(line), groups)
+                self._hits[sig.id] = _Hit(self._order[sig.id], seq, _cut(line), groups)
+
+    def _tell(self) -> int:
+        """How many lines were fed since the last reset (lock held)."""
+        # count() has no peek: take one number and start the next count after it. (A feed
+        # racing with this may reuse a number; sequence numbers only bound staleness.)
+        n = next(self._counter)
+        self._counter = itertools.count(n + 1)
+        return n - 1
+
+    @property
+    def lines_fed(self) -> int:
+        with self._lock:
+            return self._tell()
 
     def recent(self, n: int = 20) -> list[str]:
         """The last n lines fed since the last reset (for context in a report)."""
@@ -153,7 +174,7 @@ class Diagnoser:
         otherwise (CUDA OOM while serving is retried; while loading it needs a cleanup).
         """
         with self._lock:
-            horizon = self._seq - RELEVANT_LINES
+            horizon = self._tell() - RELEVANT_LINES
             hits = [h for h in self._hits.values() if h.seq > horizon]
             first_error = next((e for seq, e in self._errors if seq > horizon), None)
             previous = self._last
