@@ -193,8 +193,7 @@ class Supervisor:
         now = self.clock.now()
         times = [self.policy.next_deadline(self.state), self._next_watchdog,
                  self._next_gpu_sample if self.gpu is not None else None,
-                 self._next_deep if self.state.phase in (Phase.READY, Phase.UNHEALTHY)
-                 else None,
+                 self._deep_deadline(),
                  self._next_extend if not self.ever_ready or self._reload_pending else None,
                  self._next_status]
         if self.state.phase is Phase.STOPPING:
@@ -373,6 +372,14 @@ class Supervisor:
         return ev
 
     # -- deep liveness: /metrics stall rule, canary completion, slow mode ----------------------
+
+    def _deep_deadline(self) -> float | None:
+        """When the next /metrics read is due; None while one is in flight or none are wanted
+        (a deadline in the past that nothing acts on would spin the loop)."""
+        h = self.cfg.health
+        if self.state.phase not in (Phase.READY, Phase.UNHEALTHY) or "metrics" in self._deep_busy:
+            return None
+        return self._next_deep if (h.stall_after > 0 or h.canary_interval > 0) else None
 
     def _deep_duties(self, now: float) -> None:
         """While serving: read /metrics every health.interval (stall rule and canary schedule
