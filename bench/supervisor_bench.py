@@ -38,7 +38,8 @@ STANDIN = REPO / "tests" / "standin"
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        port: int = s.getsockname()[1]
+        return port
 
 
 class Daemon:
@@ -141,7 +142,7 @@ class Daemon:
 
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
 FAST_RESTART = {"backoff_initial": "50ms", "backoff_max": "100ms", "max_restarts": 1000,
@@ -155,7 +156,7 @@ def bench_crash_and_ready(work: Path, crashes: int) -> dict[str, Any]:
     detect: list[float] = []
     ready_lag: list[float] = []
     try:
-        t_ready, _ = d.wait_event("vllm.ready")
+        d.wait_event("vllm.ready")
         for _ in range(crashes):
             spawned_t, spawned = max(((t, e) for t, e in d.events
                                       if e.get("event") == "vllm.spawned"), key=lambda x: x[0])
@@ -207,10 +208,14 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-def bench_footprint(work: Path, seconds: float) -> dict[str, Any]:
-    d = Daemon(work / "footprint", {"interval": "1s", "timeout": "2s", "failure_threshold": 3,
-                                    "startup_timeout": "30s", "canary_interval": 0,
-                                    "stall_after": 0}, FAST_RESTART, {})
+def bench_footprint(work: Path, seconds: float, deep: bool) -> dict[str, Any]:
+    """interval 1 s; deep=True adds a /metrics read per interval (the stall rule and the canary
+    schedule at their defaults), deep=False is /health + /v1/models only."""
+    deep_cfg = ({"stall_after": "120s", "canary_interval": "5m"} if deep
+                else {"stall_after": 0, "canary_interval": 0})
+    d = Daemon(work / f"footprint-{deep}", {"interval": "1s", "timeout": "2s",
+                                            "failure_threshold": 3, "startup_timeout": "30s",
+                                            **deep_cfg}, FAST_RESTART, {})
     hz = os.sysconf("SC_CLK_TCK")
     try:
         d.wait_event("vllm.ready")
@@ -257,7 +262,8 @@ def machine() -> str:
     model = next((ln.split(":", 1)[1].strip() for ln in
                   Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
                  platform.processor())
-    return f"{os.cpu_count()} CPUs ({model}), Linux {platform.release()}, Python {platform.python_version()}"
+    return (f"{os.cpu_count()} CPUs ({model}), Linux {platform.release()}, "
+            f"Python {platform.python_version()}")
 
 
 def main() -> int:
@@ -274,7 +280,8 @@ def main() -> int:
         res["crash"] = bench_crash_and_ready(work, args.crashes)
         res["hang"] = bench_hang(work, args.hangs)
         res["logs"] = bench_logs(work, args.log_lines)
-        res["footprint"] = bench_footprint(work, args.footprint_s)
+        res["footprint"] = bench_footprint(work, args.footprint_s, deep=False)
+        res["footprint_deep"] = bench_footprint(work, args.footprint_s, deep=True)
     c, h = res["crash"], res["hang"]
     print(json.dumps(res, indent=2))
     print()
@@ -287,10 +294,12 @@ def main() -> int:
               f"max {max(c['ready_lag_ms']):.1f} ms (n={len(c['ready_lag_ms'])})")
     print(f"hang detection: median {statistics.median(h['hang_detect_s']):.2f} s, "
           f"max {max(h['hang_detect_s']):.2f} s, bound {h['bound_s']} s")
-    lg, fp = res["logs"], res["footprint"]
+    lg = res["logs"]
     print(f"log forwarding: {lg['lines_per_s']} lines/s, {lg['received']}/{lg['lines']} received")
-    print(f"footprint over {fp['seconds']} s: CPU {fp['cpu_percent']} % of one core, "
-          f"RSS median {fp['rss_mb_median']} MB, max {fp['rss_mb_max']} MB")
+    for key, what in (("footprint", "probes only"), ("footprint_deep", "probes + /metrics")):
+        fp = res[key]
+        print(f"footprint ({what}) over {fp['seconds']} s: CPU {fp['cpu_percent']} % of one "
+              f"core, RSS median {fp['rss_mb_median']} MB, max {fp['rss_mb_max']} MB")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     return 0

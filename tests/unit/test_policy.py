@@ -12,10 +12,32 @@ from nika_supervisor.clock import FakeClock
 from nika_supervisor.config import HealthConfig, RestartConfig
 from nika_supervisor.exitcodes import ExitCode
 from nika_supervisor.policy import (
-    Action, Boot, ChildExited, Event, Exit, Failure, Fault, GroupGone, LiveProbe, Log,
-    NotifyReady, NotifyStopping, Policy, Preflight, PreflightResult, ReadyProbe,
-    RestartRequested, Severity, SignalGroup, Spawn, Spawned, StartProbe, State, StopRequested,
-    Tick, backoff_delay,
+    Action,
+    Boot,
+    ChildExited,
+    Event,
+    Exit,
+    Failure,
+    Fault,
+    GroupGone,
+    LiveProbe,
+    Log,
+    NotifyReady,
+    NotifyStopping,
+    Policy,
+    Preflight,
+    PreflightResult,
+    ReadyProbe,
+    RestartRequested,
+    Severity,
+    SignalGroup,
+    Spawn,
+    Spawned,
+    StartProbe,
+    State,
+    StopRequested,
+    Tick,
+    backoff_delay,
 )
 from nika_supervisor.states import Phase
 
@@ -156,7 +178,8 @@ def test_stop_escalates_to_sigkill_after_stop_timeout() -> None:
 
 def test_exit_and_group_gone_in_either_order_complete_the_stop() -> None:
     """The waiter thread and the group poll race; both orders end the stop once."""
-    for order in ((ChildExited(100, 0, None), GroupGone()), (GroupGone(), ChildExited(100, 0, None))):
+    exited = ChildExited(100, 0, None)
+    for order in ((exited, GroupGone()), (GroupGone(), exited)):
         r = Run()
         r.start_ready()
         r.feed(StopRequested())
