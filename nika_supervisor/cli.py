@@ -8,6 +8,7 @@ no ExecStartPre= (RestartPreventExitStatus= only looks at the main process).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import shlex
 import sys
@@ -33,6 +34,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return ExitCode.CONFIG
+    # A watchdog kill (SIGABRT) or a crash then leaves every thread's stack in the journal.
+    faulthandler.enable()
     from nika_supervisor.supervisor import run
 
     return run(cfg)

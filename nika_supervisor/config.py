@@ -443,11 +443,17 @@ def _read_restart(r: _Reader, node: yaml.Node | None) -> RestartConfig:
     return cfg
 
 
+def _nvml_mode(v: Any) -> str:
+    # YAML 1.1 reads a bare `off` as the boolean false; an operator who wrote `nvml: off`
+    # means the mode "off".
+    return _choice("required", "optional", "off")("off" if v is False else v)
+
+
 def _read_gpu(r: _Reader, node: yaml.Node | None) -> GpuConfig:
     w, d = "gpu", GpuConfig()
     s = r.mapping(node, w, tuple(GpuConfig.__dataclass_fields__))
     return GpuConfig(
-        nvml=r.get(s, "nvml", w, _choice("required", "optional", "off"), d.nvml),
+        nvml=r.get(s, "nvml", w, _nvml_mode, d.nvml),
         devices=r.get(s, "devices", w, _devices, d.devices),
         min_resident_memory=r.get(s, "min_resident_memory", w, _resident, d.min_resident_memory),
         sample_interval=r.get(s, "sample_interval", w, _duration(), d.sample_interval),

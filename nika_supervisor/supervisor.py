@@ -70,6 +70,7 @@ from nika_supervisor.policy import (
     StartProbe,
     State,
     StopRequested,
+    Then,
     Tick,
 )
 from nika_supervisor.statefile import default_runtime_dir, write_state
@@ -194,7 +195,7 @@ class Supervisor:
         times = [self.policy.next_deadline(self.state), self._next_watchdog,
                  self._next_gpu_sample if self.gpu is not None else None,
                  self._deep_deadline(),
-                 self._next_extend if not self.ever_ready or self._reload_pending else None,
+                 self._next_extend if self._extending() else None,
                  self._next_status]
         if self.state.phase is Phase.STOPPING:
             times.append(now + GROUP_POLL_S)
@@ -202,6 +203,12 @@ class Supervisor:
         if not present:
             return 1.0
         return min(max(min(present) - now, 0.0), 1.0)
+
+    def _extending(self) -> bool:
+        """While systemd waits on us (start, a restarting reload, the final stop), keep its
+        timeout alive; a daemon that hangs stops extending and times out (sd_notify(3))."""
+        final_stop = self.state.phase is Phase.STOPPING and self.state.then is Then.EXIT
+        return not self.ever_ready or self._reload_pending or final_stop
 
     def _handle(self, item: Inbox | None) -> None:
         match item:
@@ -232,7 +239,7 @@ class Supervisor:
             self.notifier.watchdog()
             assert self.notifier.watchdog_interval is not None
             self._next_watchdog = now + self.notifier.watchdog_interval
-        if (not self.ever_ready or self._reload_pending) and now >= self._next_extend:
+        if self._extending() and now >= self._next_extend:
             self.notifier.extend_timeout(EXTEND_BY_S)
             self._next_extend = now + EXTEND_EVERY_S
         if self.state.phase is Phase.STOPPING and self.state.pid is not None \

@@ -155,3 +155,10 @@ def test_shipped_reference_config_parses() -> None:
     assert dict(cfg.vllm.args)["gpu-memory-utilization"] == 0.92
     assert cfg.vllm.env_dict["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
     assert cfg.gpu.nvml == "required"
+
+
+def test_bare_off_means_the_nvml_mode_off() -> None:
+    """YAML 1.1 reads `nvml: off` as false; it still means the mode "off"."""
+    assert parse_config("vllm: {model: m}\ngpu:\n  nvml: off\n", "f.yaml").gpu.nvml == "off"
+    assert errors("vllm: {model: m}\ngpu:\n  nvml: yes\n") == [
+        "f.yaml:3:9: gpu.nvml: expected one of required, optional, off, got True"]
