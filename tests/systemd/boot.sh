@@ -1,0 +1,56 @@
+#!/bin/bash
+# Boot a private systemd as PID 1 of the namespace that `unshare` made for us (harness.py runs
+# `unshare --fork --pid --mount --mount-proc --uts --ipc --cgroup boot.sh WORK` from inside its
+# own cgroup2 subtree). Everything mounted here lives and dies with the namespace; the host's
+# /etc, /opt, units, users, /tmp, /var and kernel log are never written.
+#
+# WORK (prepared by harness.py) holds:
+#   units/          copies of the handful of host units systemd needs to boot, plus journald
+#   empty/          an empty directory (bind-mounted over generator and unit directories)
+#   system.conf     DefaultLimitCORE=0 (a watchdog SIGABRT must not drop a core file in /)
+#   journald.conf   Storage=volatile, ReadKMsg=no, no forwarding, no rate limit
+#   etc-unit/       becomes /etc/systemd/system (install.sh and `systemctl enable` write here)
+#   varlog/         becomes /var/log
+#   ovl/            upper and work directories of the /etc and /opt overlays
+set -euo pipefail
+WORK=$1
+
+mount --make-rprivate /
+
+# Copy-on-write /etc and /opt: useradd, /etc/nika and /opt/nika-supervisor land in WORK/ovl.
+# (useradd replaces /etc/passwd by rename(2), so bind-mounting single files would not do.)
+for d in etc opt; do
+    mkdir -p "$WORK/ovl/$d-upper" "$WORK/ovl/$d-work"
+    mount -t overlay "nika-test-$d" \
+        -o "lowerdir=/$d,upperdir=$WORK/ovl/$d-upper,workdir=$WORK/ovl/$d-work" "/$d"
+done
+
+mount -t tmpfs -o mode=755 tmpfs /run
+
+# A read-only /sys with our own cgroup2 tree (the cgroup namespace root is the subtree the
+# harness created for us, so the host's hierarchy is out of reach).
+mount --bind /sys /sys
+mount -o remount,bind,ro /sys
+mount -t tmpfs -o mode=755 tmpfs /sys/fs/cgroup
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+
+# Units: only ours. No generators: the SysV generator would turn the host's /etc/init.d
+# scripts (dbus, postgresql) into units and start them on the host's network.
+mount --bind "$WORK/units" /lib/systemd/system
+mount --bind "$WORK/etc-unit" /etc/systemd/system
+mount --bind "$WORK/empty" /lib/systemd/system-generators
+mount --bind "$WORK/system.conf" /etc/systemd/system.conf
+mount --bind "$WORK/journald.conf" /etc/systemd/journald.conf
+mount --bind "$WORK/varlog" /var/log
+
+# Fresh scratch space, so PrivateTmp=, StateDirectory= and CacheDirectory= stay inside.
+for d in /tmp /var/tmp /var/lib /var/cache; do
+    mount -t tmpfs -o mode=1777 tmpfs "$d"
+done
+chmod 755 /var/lib /var/cache
+
+hostname nika-systemd-test
+# --log-target=journal: systemd's own lines ("Watchdog timeout", "Start request repeated too
+# quickly") reach the journal where the tests read them.
+exec env -i container=other PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+    /lib/systemd/systemd --system --log-target=journal --show-status=no
