@@ -212,7 +212,6 @@ def build(outdir: Path, head_dim: int = ARCH["head_dim"], seed: int = DEFAULT_SE
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
-
     import transformers
 
     torch.set_num_threads(1)
