@@ -51,6 +51,29 @@ def _fork_idle(comm: str, role: str, ignore_term: bool, lifetime: float,
         os._exit(0)
 
 
+class _GpuHold:
+    """STANDIN_GPU_GIB=N (the GPU validation run only): the engine holds N GiB of CUDA memory,
+    as vLLM's EngineCore holds the model, until the file `gpu_release` appears in the state
+    dir; then it frees the memory (the CUDA context stays), like a model that stopped being
+    resident. Needs torch with CUDA; imported only here."""
+
+    def __init__(self, state: StateDir) -> None:
+        import torch
+
+        self.torch = torch
+        self.release = os.path.join(state.path or ".", "gpu_release")
+        gib = float(os.environ["STANDIN_GPU_GIB"])
+        self.block: Any = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
+        torch.cuda.synchronize()
+        log("INFO", "gpu.py:1", f"holding {gib:g} GiB on cuda:0", role="EngineCore")
+
+    def poll(self) -> None:
+        if self.block is not None and os.path.exists(self.release):
+            self.block = None
+            self.torch.cuda.empty_cache()
+            log("INFO", "gpu.py:2", "released the GPU memory", role="EngineCore")
+
+
 class Engine:
     """The EngineCore child and its Workers (grandchildren), all in our process group."""
 
@@ -67,6 +90,8 @@ class Engine:
                 for _ in range(workers):
                     worker_box.append(_fork_idle(WORKER_COMM, "worker", ignore_term, lifetime,
                                                  state))
+                # Like vLLM, the API server comes up only once the engine holds the model.
+                gpu = _GpuHold(state) if os.environ.get("STANDIN_GPU_GIB") else None
                 os.write(w, (json.dumps(worker_box) + "\n").encode())
                 os.close(w)
 
@@ -93,7 +118,9 @@ class Engine:
                 signal.signal(signal.SIGTERM, signal.SIG_IGN if ignore_term else term)
                 deadline = time.monotonic() + lifetime
                 while time.monotonic() < deadline:
-                    time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                    time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+                    if gpu is not None:
+                        gpu.poll()
             finally:
                 os._exit(0)
         os.close(w)
