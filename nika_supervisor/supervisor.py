@@ -462,7 +462,7 @@ class Supervisor:
     # -- GPU ---------------------------------------------------------------------------------
 
     def _gpu_finding(self, f: GpuFinding) -> None:
-        """The GPU monitor's verdicts, mapped onto the policy (docs/gpu-snippet.md)."""
+        """The GPU monitor's verdicts, mapped onto the policy (README.md, GPU health)."""
         if f.klass is FailureClass.WARN:
             self.log.warning("gpu.finding", **f.fields())
             return

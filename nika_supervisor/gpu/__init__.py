@@ -1,6 +1,6 @@
 """GPU health through NVML: the monitor, failure classes, residency and GPU holders.
 
-The supervisor uses exactly this API (see docs/gpu-snippet.md for the operator's view):
+The supervisor uses exactly this API (see README.md, GPU health for the operator's view):
 
     mon = GpuMonitor(cfg.gpu, vllm_env=cfg.vllm.env_dict, emit=queue.put)
     finding = mon.start()                      # None | FATAL | WARN
