@@ -24,6 +24,7 @@ from nika_supervisor import command, probes, procs
 from nika_supervisor.child import Child
 from nika_supervisor.clock import Clock, MonotonicClock
 from nika_supervisor.config import Config, load_config
+from nika_supervisor.deep import DeepChecks, Work
 from nika_supervisor.diagnosis import Diagnoser, Diagnosis, Verdict
 from nika_supervisor.durations import format_duration
 from nika_supervisor.errors import ConfigError, SpawnError
@@ -37,11 +38,8 @@ from nika_supervisor.gpu import (
 )
 from nika_supervisor.log import LEVELS, configure, get_logger, render_output
 from nika_supervisor.metrics import (
-    CanaryScheduler,
-    StallRule,
     VllmMetrics,
     parse_metrics,
-    slow_mode_hints,
 )
 from nika_supervisor.notify import Notifier
 from nika_supervisor.policy import (
@@ -74,7 +72,7 @@ from nika_supervisor.policy import (
     Tick,
 )
 from nika_supervisor.statefile import default_runtime_dir, write_state
-from nika_supervisor.states import Phase
+from nika_supervisor.states import SERVING_PHASES, Phase
 
 EXTEND_EVERY_S = 5.0  # while activating: EXTEND_TIMEOUT_USEC this often ...
 EXTEND_BY_S = 20.0  # ... by this much, so a hung daemon still times out its start
@@ -110,7 +108,6 @@ class _Generated:
 
 
 Inbox = Event | _Signal | _Exited | GpuFinding | _Metrics | _Generated
-SLOW_MODE_TOKENS = 16  # the short generation timed once after READY
 
 
 class Supervisor:
@@ -144,11 +141,7 @@ class Supervisor:
         self._next_status = 0.0
         self._published: tuple[object, ...] = ()
         self.diagnoser = Diagnoser.load()
-        self.stall = StallRule(cfg.health.stall_after)
-        self.canary = CanaryScheduler(cfg.health.canary_interval)
-        self._next_deep = 0.0
-        self._deep_busy: set[str] = set()  # "metrics", "canary", "speed" in flight
-        self._speed_checked: int | None = None  # pid whose speed was timed
+        self.deep = DeepChecks(cfg.health, self.log)
         self.gpu = (GpuMonitor(cfg.gpu, vllm_env=cfg.vllm.env_dict, emit=self.inbox.put)
                     if cfg.gpu.nvml != "off" else None)
         self.gpu_sample: GpuSample | None = None
@@ -194,7 +187,7 @@ class Supervisor:
         now = self.clock.now()
         times = [self.policy.next_deadline(self.state), self._next_watchdog,
                  self._next_gpu_sample if self.gpu is not None else None,
-                 self._deep_deadline(),
+                 self.deep.deadline() if self.state.phase in SERVING_PHASES else None,
                  self._next_extend if self._extending() else None,
                  self._next_status]
         if self.state.phase is Phase.STOPPING:
@@ -213,7 +206,7 @@ class Supervisor:
     def _handle(self, item: Inbox | None) -> None:
         match item:
             case None:
-                self._feed(Tick())
+                pass  # a deadline passed: _duties() ticks the policy
             case _Signal(signum=signal.SIGHUP):
                 self._reload()
             case _Signal(signum=signum):
@@ -247,8 +240,9 @@ class Supervisor:
             self._feed(GroupGone())
         if self.gpu is not None and now >= self._next_gpu_sample:
             self._sample_gpu(now)
-        if self.state.phase in (Phase.READY, Phase.UNHEALTHY):
-            self._deep_duties(now)
+        if self.state.phase in SERVING_PHASES and self.state.pid is not None:
+            for work in self.deep.due(now, self.state.pid):
+                self._pool.submit(self._run_deep, work)
         self._publish()
         self._feed(Tick())
 
@@ -329,8 +323,7 @@ class Supervisor:
         spec = command.build_launch(self.cfg, self.environ)
         level = LEVELS[self.cfg.supervisor.log_level]
         self.diagnoser.reset()
-        self.stall.reset()
-        self.canary.reset()
+        self.deep.reset()
         try:
             self.child = Child.spawn(
                 spec, sink=lambda batch: render_output(batch, level),
@@ -380,84 +373,34 @@ class Supervisor:
 
     # -- deep liveness: /metrics stall rule, canary completion, slow mode ----------------------
 
-    def _deep_deadline(self) -> float | None:
-        """When the next /metrics read is due; None while one is in flight or none are wanted
-        (a deadline in the past that nothing acts on would spin the loop)."""
-        h = self.cfg.health
-        if self.state.phase not in (Phase.READY, Phase.UNHEALTHY) or "metrics" in self._deep_busy:
-            return None
-        return self._next_deep if (h.stall_after > 0 or h.canary_interval > 0) else None
-
-    def _deep_duties(self, now: float) -> None:
-        """While serving: read /metrics every health.interval (stall rule and canary schedule
-        are pure, in metrics.py); time one short generation per vLLM (slow mode)."""
-        pid = self.state.pid
-        assert pid is not None
-        h = self.cfg.health
-        if (h.stall_after > 0 or h.canary_interval > 0) and now >= self._next_deep \
-                and "metrics" not in self._deep_busy:
-            self._next_deep = now + h.interval
-            self._deep_busy.add("metrics")
-            self._pool.submit(self._read_metrics, pid)
-        if h.min_tokens_per_s > 0 and self._speed_checked != pid and "speed" not in self._deep_busy:
-            self._speed_checked = pid
-            self._deep_busy.add("speed")
-            self._pool.submit(self._generate, pid, "speed", SLOW_MODE_TOKENS)
-
-    def _read_metrics(self, pid: int) -> None:
-        text = probes.metrics_text(self._base, self.cfg.health.timeout)
-        self.inbox.put(_Metrics(pid, parse_metrics(text) if text else None))
-
-    def _generate(self, pid: int, purpose: str, max_tokens: int) -> None:
-        g = probes.complete(self._base, self.cfg.vllm.alias, self._key,
-                            self.cfg.health.canary_timeout, max_tokens=max_tokens)
-        self.inbox.put(_Generated(pid, purpose, g))
+    def _run_deep(self, work: Work) -> None:
+        """On a pool thread: the HTTP part of a deep check."""
+        if work.kind == "metrics":
+            text = probes.metrics_text(self._base, self.cfg.health.timeout)
+            self.inbox.put(_Metrics(work.pid, parse_metrics(text) if text else None))
+        else:
+            g = probes.complete(self._base, self.cfg.vllm.alias, self._key,
+                                self.cfg.health.canary_timeout, max_tokens=work.max_tokens)
+            self.inbox.put(_Generated(work.pid, work.kind, g))
 
     def _on_metrics(self, ev: _Metrics) -> None:
-        self._deep_busy.discard("metrics")
-        if ev.pid != self.state.pid or self.state.phase not in (Phase.READY, Phase.UNHEALTHY):
+        self.deep.done("metrics")
+        if ev.pid != self.state.pid or self.state.phase not in SERVING_PHASES:
             return
-        now = self.clock.now()
-        if ev.metrics is not None:
-            why = self.stall.observe(now, ev.metrics)
-            if why:
-                self.log.error("stall.detected", reason=why)
-                self._feed(Fault(Failure(f"engine stalled: {why}",
-                                         "vLLM's engine makes no progress; see its output",
-                                         code="stall")))
-                return
-        if "canary" not in self._deep_busy and self.canary.due(now, ev.metrics):
-            self.canary.sent(now, ev.metrics.generation_tokens if ev.metrics else None)
-            self._deep_busy.add("canary")
-            self._pool.submit(self._generate, ev.pid, "canary", 1)
+        failure, canary = self.deep.on_metrics(self.clock.now(), ev.pid, ev.metrics)
+        if failure is not None:
+            self._feed(Fault(failure))
+        elif canary is not None:
+            self._pool.submit(self._run_deep, canary)
 
     def _on_generated(self, ev: _Generated) -> None:
-        self._deep_busy.discard(ev.purpose)
-        if ev.pid != self.state.pid or self.state.phase not in (Phase.READY, Phase.UNHEALTHY):
+        self.deep.done(ev.purpose)
+        if ev.pid != self.state.pid or self.state.phase not in SERVING_PHASES:
             return
-        g = ev.result
-        if ev.purpose == "canary":
-            if g.ok:
-                self.log.debug("canary.ok", seconds=round(g.seconds, 3))
-                return
-            self.log.error("canary.failed", reason=g.reason, seconds=round(g.seconds, 3))
-            self._feed(Fault(Failure(
-                f"canary completion failed: {g.reason}",
-                "/health and /v1/models may still answer while the engine is frozen; "
-                "vLLM is restarted", code="canary")))
-            return
-        if not g.ok or g.seconds <= 0:
-            self.log.warning("speed.unmeasured", reason=g.reason)
-            return
-        tps = g.tokens / g.seconds
-        spec_env = command.build_launch(self.cfg, self.environ, read_secret=False).env
-        hints = slow_mode_hints(tps, self.cfg.health.min_tokens_per_s, spec_env,
-                                dict(self.cfg.vllm.args))
-        if hints:
-            self.log.warning("vllm.slow_mode", tokens_per_s=round(tps, 2),
-                             minimum=self.cfg.health.min_tokens_per_s, hints=hints)
-        else:
-            self.log.info("vllm.speed", tokens_per_s=round(tps, 2), tokens=g.tokens)
+        env = command.build_launch(self.cfg, self.environ, read_secret=False).env
+        failure = self.deep.on_generated(ev.purpose, ev.result, env, dict(self.cfg.vllm.args))
+        if failure is not None:
+            self._feed(Fault(failure))
 
     # -- GPU ---------------------------------------------------------------------------------
 
@@ -532,8 +475,7 @@ class Supervisor:
     def _apply(self, new: Config) -> None:
         self.cfg = new
         self.policy = replace(self.policy, health=new.health, restart=new.restart)
-        self.stall.stall_after = new.health.stall_after
-        self.canary.interval = new.health.canary_interval
+        self.deep.configure(new.health)
         self._base = probes.base_url(new.vllm.host, new.vllm.port)
         self._key = command.api_key(new)
         configure(new.supervisor.log_format, new.supervisor.log_level)
@@ -545,7 +487,7 @@ class Supervisor:
         parts = [f"{s.phase}: {v.alias} on {v.host}:{v.port}"]
         if s.phase is Phase.LOADING and s.spawned_at is not None:
             parts[0] += f" (loading {format_duration(now - s.spawned_at)})"
-        elif s.phase in (Phase.READY, Phase.UNHEALTHY) and s.ready_at is not None:
+        elif s.phase in SERVING_PHASES and s.ready_at is not None:
             parts[0] += f" (up {format_duration(now - s.ready_at)})"
         elif s.phase is Phase.BACKOFF and s.wake_at is not None:
             parts[0] += f" (next start in {format_duration(max(0.0, s.wake_at - now))})"
