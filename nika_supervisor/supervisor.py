@@ -134,7 +134,7 @@ class Supervisor:
         # Live probes overlap while a server hangs (timeout / interval of them), plus one
         # metrics read, one canary and one speed check.
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="probe")
-        self._base = probes.base_url(cfg.vllm.host, cfg.vllm.port)
+        self._base = probes.target(cfg.vllm.host, cfg.vllm.port)
         self._key = command.api_key(cfg)
         self._next_watchdog: float | None = None
         self._next_extend = 0.0
@@ -476,7 +476,7 @@ class Supervisor:
         self.cfg = new
         self.policy = replace(self.policy, health=new.health, restart=new.restart)
         self.deep.configure(new.health)
-        self._base = probes.base_url(new.vllm.host, new.vllm.port)
+        self._base = probes.target(new.vllm.host, new.vllm.port)
         self._key = command.api_key(new)
         configure(new.supervisor.log_format, new.supervisor.log_level)
 
