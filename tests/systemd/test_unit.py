@@ -131,17 +131,23 @@ def test_status_shows_phase_alias_restarts(ns: Namespace) -> None:
 
 def test_reload_applies_a_changed_config(ns: Namespace) -> None:
     """`systemctl reload` with a changed launch setting restarts vLLM with the new argv under
-    the same daemon; the unit stays active."""
+    the same daemon; while the new vLLM loads the unit is "reloading", not "active" (READY=1
+    comes only when it answers), and then active again."""
     cfg = standin_config()
     main = start_ready(ns, cfg)
     api = standin_file(ns, "api.pid")
     cfg["vllm"]["args"] = {"max-model-len": 4096}
+    cfg["vllm"]["env"]["STANDIN_BIND_DELAY_S"] = "3"  # a visible load
     write_config(ns, cfg)
     c = mark()
-    ns.systemctl("reload", UNIT)
+    ns.systemctl("reload", "--no-block", UNIT)
+    poll(lambda: props(ns, "ActiveState")["ActiveState"] == "reloading", 10,
+         "the unit to be reloading while the new vLLM loads")
     poll(lambda: "supervisor.reloaded" in unit_journal(ns, c), 15, "supervisor.reloaded")
     poll(lambda: standin_file(ns, "api.pid") not in (None, api) and
              "vllm.ready" in unit_journal(ns, c), 30, "vLLM restarted with the new config")
+    poll(lambda: props(ns, "ActiveState")["ActiveState"] == "active", 10,
+         "the unit to be active again once the new vLLM answers")
     info = standin_info(ns) or {}
     argv = info.get("argv", [])
     assert "--max-model-len" in argv and "4096" in argv, argv
