@@ -14,6 +14,7 @@
 #   ovl/            upper and work directories of the /etc and /opt overlays
 set -euo pipefail
 WORK=$1
+REPO=${2:-}  # the checkout under test: install.sh builds from it
 
 mount --make-rprivate /
 
@@ -43,11 +44,27 @@ mount --bind "$WORK/system.conf" /etc/systemd/system.conf
 mount --bind "$WORK/journald.conf" /etc/systemd/journald.conf
 mount --bind "$WORK/varlog" /var/log
 
+# The checkout may live under one of the directories the scratch tmpfs below hides (CI clones
+# into /tmp): hold it on a bind mount and show it again at its own path afterwards.
+if [ -n "$REPO" ]; then
+    mkdir -p /run/nika-repo-hold
+    mount --bind "$REPO" /run/nika-repo-hold
+fi
+
 # Fresh scratch space, so PrivateTmp=, StateDirectory= and CacheDirectory= stay inside.
 for d in /tmp /var/tmp /var/lib /var/cache; do
     mount -t tmpfs -o mode=1777 tmpfs "$d"
 done
 chmod 755 /var/lib /var/cache
+
+if [ -n "$REPO" ]; then
+    if [ ! -d "$REPO" ]; then
+        mkdir -p "$REPO"
+        mount --bind /run/nika-repo-hold "$REPO"
+    fi
+    umount /run/nika-repo-hold
+    rmdir /run/nika-repo-hold
+fi
 
 hostname nika-systemd-test
 # --log-target=journal: systemd's own lines ("Watchdog timeout", "Start request repeated too

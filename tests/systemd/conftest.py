@@ -74,12 +74,13 @@ def nika_ns(tmp_path_factory: pytest.TempPathFactory,
     """A namespace with nika-supervisor installed by scripts/install.sh (its output is kept
     in install.log next to the namespace's work directory)."""
     require_systemd_tier()
-    from nika_helpers import install
+    from nika_helpers import copy_standin, install
 
     work = tmp_path_factory.mktemp("nika-ns")
     ns = Namespace.boot(work / "ns")
     boot_namespace.append(ns)
     ns.notes["install output"] = install(ns, work / "install.log")
+    copy_standin(ns)
     cfg = ns.path("/etc/nika/nika-vllm.yaml")
     st = cfg.stat()
     ns.notes["installed config"] = (cfg.read_bytes(), st.st_mode & 0o7777, st.st_uid, st.st_gid)

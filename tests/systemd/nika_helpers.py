@@ -9,6 +9,7 @@ under ProtectSystem=strict) and it writes its state files under the unit's State
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable
@@ -26,6 +27,9 @@ UNIT = "nika-vllm.service"
 CONFIG = "/etc/nika/nika-vllm.yaml"
 PREFIX = "/opt/nika-supervisor"
 STANDIN_DIR = "/var/lib/nika-vllm/standin"  # under StateDirectory=: writable by the unit
+# The stand-in's code, copied into the namespace's /opt overlay: the sandboxed unit cannot see
+# a checkout under /tmp (PrivateTmp=) or /root (ProtectHome=), where CI may clone it.
+STANDIN_CODE = "/opt/nika-test/standin"
 SHIPPED_UNIT = REPO / "systemd" / UNIT
 
 # Timings the tests rely on, read from the shipped unit (so a change there updates the tests).
@@ -42,6 +46,13 @@ WATCHDOG_S = unit_seconds("WatchdogSec")
 RESTART_S = unit_seconds("RestartSec")
 TIMEOUT_STOP_S = unit_seconds("TimeoutStopSec")
 START_LIMIT_BURST = int(unit_seconds("StartLimitBurst"))
+
+
+def copy_standin(ns: Namespace) -> None:
+    """Put the stand-in server where the unit's sandbox can read it (STANDIN_CODE)."""
+    ns.run(["mkdir", "-p", os.path.dirname(STANDIN_CODE)])
+    ns.run(["cp", "-r", str(REPO / "tests" / "standin"), STANDIN_CODE])
+    ns.run(["chmod", "-R", "a+rX", os.path.dirname(STANDIN_CODE)])
 
 
 def install(ns: Namespace, log: Path, *args: str) -> str:
@@ -65,7 +76,7 @@ def standin_config(port: int | None = None, **overrides: Any) -> dict[str, Any]:
             "served_model_name": ["nika"],
             "host": "127.0.0.1",
             "port": port or free_port(),
-            "env": {"PYTHONPATH": str(REPO / "tests" / "standin"),
+            "env": {"PYTHONPATH": STANDIN_CODE,
                     "STANDIN_STATE_DIR": STANDIN_DIR,
                     "STANDIN_MAX_LIFETIME_S": "900"},
         },

@@ -150,8 +150,8 @@ class Namespace:
         # are accounted there, and the cgroup namespace's root is that subtree.
         proc = subprocess.Popen(
             ["sh", "-c", 'echo $$ > "$1/cgroup.procs" && exec unshare --fork --pid --mount '
-             '--mount-proc --uts --ipc --cgroup -- bash "$2" "$3"',
-             "sh", str(cgroup), str(BOOT_SH), str(work)],
+             '--mount-proc --uts --ipc --cgroup -- bash "$2" "$3" "$4"',
+             "sh", str(cgroup), str(BOOT_SH), str(work), str(REPO)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd="/",
             start_new_session=True)
         log.close()
