@@ -129,13 +129,13 @@ class Supervisor:
         # that systemd shows "reloading", not "active", while the model is down.
         self._reload_pending = False
         self.config_error: str | None = None
-        self.boot_at = self.clock.now()
         self.runtime_dir = cfg.supervisor.runtime_dir or default_runtime_dir(self.environ)
         # Live probes overlap while a server hangs (timeout / interval of them), plus one
         # metrics read, one canary and one speed check.
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="probe")
-        self._base = probes.target(cfg.vllm.host, cfg.vllm.port)
+        self._target = probes.target(cfg.vllm.host, cfg.vllm.port)
         self._key = command.api_key(cfg)
+        self._launch_env: Mapping[str, str] = {}  # what the current vLLM was started with
         self._next_watchdog: float | None = None
         self._next_extend = 0.0
         self._next_status = 0.0
@@ -321,6 +321,7 @@ class Supervisor:
 
     def _spawn(self) -> Event:
         spec = command.build_launch(self.cfg, self.environ)
+        self._launch_env = spec.env
         level = LEVELS[self.cfg.supervisor.log_level]
         self.diagnoser.reset()
         self.deep.reset()
@@ -359,10 +360,10 @@ class Supervisor:
     def _probe(self, kind: str, pid: int) -> None:
         timeout = self.cfg.health.timeout
         if kind == "ready":
-            out = probes.models(self._base, self.cfg.vllm.alias, self._key, min(timeout, 5.0))
+            out = probes.models(self._target, self.cfg.vllm.alias, self._key, min(timeout, 5.0))
             self.inbox.put(ReadyProbe(pid, out.ok, out.reason))
         else:
-            out = probes.live(self._base, self.cfg.vllm.alias, self._key, timeout)
+            out = probes.live(self._target, self.cfg.vllm.alias, self._key, timeout)
             self.inbox.put(LiveProbe(pid, out.ok, out.engine_dead, out.reason, out.probe))
 
     def _handle_live(self, ev: LiveProbe) -> LiveProbe:
@@ -376,10 +377,10 @@ class Supervisor:
     def _run_deep(self, work: Work) -> None:
         """On a pool thread: the HTTP part of a deep check."""
         if work.kind == "metrics":
-            text = probes.metrics_text(self._base, self.cfg.health.timeout)
+            text = probes.metrics_text(self._target, self.cfg.health.timeout)
             self.inbox.put(_Metrics(work.pid, parse_metrics(text) if text else None))
         else:
-            g = probes.complete(self._base, self.cfg.vllm.alias, self._key,
+            g = probes.complete(self._target, self.cfg.vllm.alias, self._key,
                                 self.cfg.health.canary_timeout, max_tokens=work.max_tokens)
             self.inbox.put(_Generated(work.pid, work.kind, g))
 
@@ -397,8 +398,8 @@ class Supervisor:
         self.deep.done(ev.purpose)
         if ev.pid != self.state.pid or self.state.phase not in SERVING_PHASES:
             return
-        env = command.build_launch(self.cfg, self.environ, read_secret=False).env
-        failure = self.deep.on_generated(ev.purpose, ev.result, env, dict(self.cfg.vllm.args))
+        failure = self.deep.on_generated(ev.purpose, ev.result, self._launch_env,
+                                         dict(self.cfg.vllm.args))
         if failure is not None:
             self._feed(Fault(failure))
 
@@ -476,7 +477,7 @@ class Supervisor:
         self.cfg = new
         self.policy = replace(self.policy, health=new.health, restart=new.restart)
         self.deep.configure(new.health)
-        self._base = probes.target(new.vllm.host, new.vllm.port)
+        self._target = probes.target(new.vllm.host, new.vllm.port)
         self._key = command.api_key(new)
         configure(new.supervisor.log_format, new.supervisor.log_level)
 

@@ -113,22 +113,31 @@ class GpuMonitor:
             self._set_state(NvmlState.OFF)
             return None
         try:
-            self.nvml.init()
-            self._initialized = True
-            problem = self._open_devices()
-            self._start_events()
+            problem = self._open()
         except n.NvmlError as e:
             self._quiet_shutdown()
             return self._init_failed(e)
         if problem is not None and self.cfg.nvml == "required":
-            self._set_state(NvmlState.FATAL)
-            self._stop_watcher()
-            return condition("gpu.no_device", what=problem)
+            return self._no_device(problem)
         self._set_state(NvmlState.UP)
         if problem is None:
             return None
         f = condition("gpu.no_device", what=problem)  # optional: watch what there is
         return GpuFinding(FailureClass.WARN, f.code, f.reason, f.hint)
+
+    def _open(self) -> str | None:
+        """nvmlInit, the watched devices and the event thread (start and re-init alike).
+        Returns a problem with the devices, if any; raises NvmlError."""
+        self.nvml.init()
+        self._initialized = True
+        problem = self._open_devices()
+        self._start_events()
+        return problem
+
+    def _no_device(self, problem: str) -> GpuFinding:
+        self._set_state(NvmlState.FATAL)
+        self._stop_watcher()
+        return condition("gpu.no_device", what=problem)
 
     def _init_failed(self, e: n.NvmlError) -> GpuFinding:
         fatal = nvml_fatal_finding(e.code, None)
@@ -320,17 +329,12 @@ class GpuMonitor:
             self._watcher = None
         self._quiet_shutdown()
         try:
-            self.nvml.init()
-            self._initialized = True
-            problem = self._open_devices()
-            self._start_events()
+            problem = self._open()
         except n.NvmlError as e:
             self._quiet_shutdown()
             return self._reinit_failed(e, now)
         if problem is not None and self.cfg.nvml == "required":
-            self._set_state(NvmlState.FATAL)
-            self._stop_watcher()
-            return [condition("gpu.no_device", what=problem)]
+            return [self._no_device(problem)]
         self._set_state(NvmlState.UP)
         err = str(self._down_error) if self._down_error else "?"
         self._down_error = None
