@@ -26,6 +26,12 @@ for d in etc opt; do
         -o "lowerdir=/$d,upperdir=$WORK/ovl/$d-upper,workdir=$WORK/ovl/$d-work" "/$d"
 done
 
+# A caller may put back what the overlays above cover (scripts/gpu-systemd-boot.sh: on a GPU
+# host /opt/torch or /etc/hosts may be mounts of their own, hidden by an overlay on /opt, /etc).
+if [ -n "${NIKA_BOOT_AFTER_OVERLAY:-}" ]; then
+    . "$NIKA_BOOT_AFTER_OVERLAY"
+fi
+
 mount -t tmpfs -o mode=755 tmpfs /run
 
 # A read-only /sys with our own cgroup2 tree (the cgroup namespace root is the subtree the

@@ -1,0 +1,1 @@
+"""Routes the daemon's vLLM argv to gpu_workload.py (see its docstring)."""
