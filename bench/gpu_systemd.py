@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -209,10 +210,10 @@ def main() -> int:
     try:
         r["systemd_version"] = ns.run(["systemctl", "--version"]).stdout.splitlines()[0]
         r["system_state"] = ns.run(["systemctl", "is-system-running"], check=False).stdout.strip()
-        # 2. the device cgroup is enforced here (else DevicePolicy= would prove nothing):
-        # a oneshot unit allowed only /dev/null cannot read /dev/zero; without the policy it
-        # can. (Unit files, not systemd-run: that needs D-Bus, which this system lacks.)
-        checks["device_policy_enforced"] = device_policy_probe(ns, r)
+        # 2. the device cgroup is enforced here (else DevicePolicy= would prove nothing), and
+        # DeviceAllow=char-nvidia* is what opens the NVIDIA nodes (device_policy_probe).
+        # (Unit files, not systemd-run: that needs D-Bus, which this system lacks.)
+        checks["device_policy_enforced"] = device_policy_probe(ns, r, not args.no_gpu)
         # 3. install as install.sh does (pip offline, from the carried wheels)
         pyarg = install_python(ns, py, args.ensurepip_shim, r)
         r["install_python_arg"] = pyarg
@@ -319,19 +320,31 @@ def install_python(ns: harness.Namespace, py: str, force_shim: bool,
     return ["--python", f"{SHIM}/python3"]
 
 
-def device_policy_probe(ns: harness.Namespace, r: dict[str, Any]) -> bool:
+def device_policy_probe(ns: harness.Namespace, r: dict[str, Any], gpu: bool) -> bool:
+    """Oneshot units that open device nodes under a device policy; each must succeed or be
+    refused as expected. DevicePolicy=closed always allows the pseudo devices (/dev/null,
+    zero, full, random, urandom: systemd.resource-control(5)), so the refusal of a plain
+    device is shown with strict, and on a GPU host with closed and the NVIDIA nodes."""
+    nodes = "/dev/nvidiactl /dev/nvidia0 /dev/nvidia-uvm"
+    opens = f"for d in {nodes}; do : < $d || exit 1; done"
+    cases = [("strict-null-only", "DevicePolicy=strict\nDeviceAllow=/dev/null rw",
+              "head -c1 /dev/zero >/dev/null", False),
+             ("no-policy", "", "head -c1 /dev/zero >/dev/null", True)]
+    if gpu:
+        cases += [("closed-without-nvidia", "DevicePolicy=closed", opens, False),
+                  ("closed-char-nvidia", "DevicePolicy=closed\nDeviceAllow=char-nvidia* rw",
+                   opens, True)]
     results = {}
-    for name, policy in (("closed", "DevicePolicy=closed\nDeviceAllow=/dev/null rw\n"),
-                         ("open", "")):
+    for name, policy, cmd, want in cases:
         unit = f"nika-devprobe-{name}.service"
         ns.write(f"/etc/systemd/system/{unit}",
-                 f"[Service]\nType=oneshot\n{policy}"
-                 "ExecStart=/bin/sh -c 'head -c1 /dev/zero >/dev/null'\n")
+                 f"[Service]\nType=oneshot\n{policy}\nExecStart=/bin/sh -c '{cmd}'\n")
         ns.systemctl("daemon-reload")
         res = ns.systemctl("start", unit, check=False)
-        results[name] = (res.returncode, ns.journal("-u", unit)[-400:])
+        results[name] = {"ok": res.returncode == 0, "expected_ok": want,
+                         "journal": ns.journal("-u", unit)[-300:]}
     r["device_policy_probe"] = results
-    return results["closed"][0] != 0 and results["open"][0] == 0
+    return all(v["ok"] == v["expected_ok"] for v in results.values())
 
 
 def adjust_for_host(ns: harness.Namespace, py: str) -> list[str]:
@@ -390,8 +403,11 @@ def serving_checks(run: Run, port: int, checks: dict[str, Any]) -> None:
     body = json.dumps({"model": "nika", "prompt": "hi", "max_tokens": 8}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        answer = json.loads(resp.read())
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            answer = json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        answer = {"http_error": e.code, "body": e.read().decode(errors="replace")[:500]}
     r["completion"] = answer
     checks["completion_answers"] = answer.get("usage", {}).get("completion_tokens") == 8
     caches = ns.run(["bash", "-c", "cd /var/cache/nika-vllm && for d in . *; do "
