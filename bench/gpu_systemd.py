@@ -79,7 +79,7 @@ def workload_python(explicit: str | None) -> str:
     return sys.executable
 
 
-def config(port: int, python: str, no_gpu: bool) -> dict[str, Any]:
+def config(port: int, python: str, no_gpu: bool, selftest: bool) -> dict[str, Any]:
     env = {"PYTHONPATH": CODE, "WORKLOAD_STATE_DIR": STATE, "WORKLOAD_GPU_FRACTION": "0.85",
            "WORKLOAD_MAX_LIFETIME_S": "900",
            # KINDS.md: NVLink multicast stays off on the lent machines
@@ -87,6 +87,8 @@ def config(port: int, python: str, no_gpu: bool) -> dict[str, Any]:
            "NVSHMEM_DISABLE_NVLS": "1"}
     if no_gpu:
         env["WORKLOAD_NO_GPU"] = "1"
+    if selftest:
+        env["WORKLOAD_SELFTEST"] = "personality"
     return {
         "vllm": {"python": python, "entrypoint": "api_server", "model": "gpu-workload",
                  "served_model_name": ["nika"], "host": "127.0.0.1", "port": port, "env": env},
@@ -174,6 +176,9 @@ def main() -> int:
     ap.add_argument("--no-gpu", action="store_true")
     ap.add_argument("--ensurepip-shim", action="store_true",
                     help="use the ensurepip shim even where python3 has ensurepip (dry runs)")
+    ap.add_argument("--selftest-bisect", action="store_true",
+                    help="the workload does something LockPersonality= refuses: the run must "
+                    "fail and the bisection must name LockPersonality")
     ap.add_argument("--budget", type=float, default=540, help="seconds for the whole run")
     args = ap.parse_args()
     t_begin = time.monotonic()
@@ -234,7 +239,8 @@ def main() -> int:
         ns.run(["chmod", "-R", "a+rX", os.path.dirname(CODE)])
         r.setdefault("adjustments", []).extend(adjust_for_host(ns, py))
         port = free_port()
-        ns.write("/etc/nika/nika-vllm.yaml", json.dumps(config(port, py, args.no_gpu), indent=1))
+        cfg = config(port, py, args.no_gpu, args.selftest_bisect)
+        ns.write("/etc/nika/nika-vllm.yaml", json.dumps(cfg, indent=1))
         check = ns.run(["/opt/nika-supervisor/bin/nika-supervisor", "check", "--config",
                         "/etc/nika/nika-vllm.yaml"], check=False)
         checks["config_valid"] = check.returncode == 0
@@ -242,17 +248,28 @@ def main() -> int:
         ns.run(["systemd-analyze", "log-level", "debug"])
         # 4. the first start, cold caches
         first = run.start("first_start")
-        checks["first_start_ready"] = run.ok_start(first)
-        if not checks["first_start_ready"]:
+        shipped_ok = run.ok_start(first)
+        if args.selftest_bisect:  # the shipped unit must refuse the selftest's personality(2)
+            eng = first.get("engine") or {}  # ... with EPERM (errno 1), in that step
+            err = eng.get("steps", {}).get("selftest_personality", {}).get("error", "")
+            checks["selftest_shipped_unit_refuses"] = not shipped_ok and \
+                eng.get("failed") == "selftest_personality" and "errno 1" in err
+        else:
+            checks["first_start_ready"] = shipped_ok
+        proceed = shipped_ok
+        if not shipped_ok:
             r["first_start_journal_tail"] = run.ev.tail(60)
             run.stop()
             trial = Trial(ns, run, deadline)
             r["bisect"] = bisect(trial, relaxations())
-            if r["bisect"].get("culprits"):
-                trial.write_dropin(r["bisect"]["culprits"], "zz-bisect-found.conf")
-                run.start("start_with_culprits_relaxed")
-                checks["first_start_ready"] = run.ok_start(run.r["start_with_culprits_relaxed"])
-        if checks["first_start_ready"]:
+            culprits = r["bisect"].get("culprits")
+            if args.selftest_bisect:
+                checks["selftest_bisect_names_LockPersonality"] = culprits == ["LockPersonality"]
+            if culprits:  # go on with them relaxed: the rest of the checks still say something
+                trial.write_dropin(culprits, "zz-bisect-found.conf")
+                relaxed = run.start("start_with_culprits_relaxed")
+                proceed = checks["ready_with_culprits_relaxed"] = run.ok_start(relaxed)
+        if proceed:
             serving_checks(run, port, checks)
             kill_checks(run, checks)
             stop_checks(run, checks)

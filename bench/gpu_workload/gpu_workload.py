@@ -23,7 +23,8 @@ recorded with its error and the engine exits 1 (the API server then exits 1 as w
 WORKLOAD_NO_GPU=1 skips the CUDA steps (a dry run of the plumbing on a machine without a GPU).
 
 Environment: WORKLOAD_STATE_DIR (required), WORKLOAD_GPU_FRACTION (of the free memory, default
-0.85), WORKLOAD_MAX_LIFETIME_S (every process exits after this long, default 900).
+0.85), WORKLOAD_MAX_LIFETIME_S (every process exits after this long, default 900), WORKLOAD_SELFTEST
+(`personality`: a first step that LockPersonality= refuses, to test the bisection).
 """
 
 from __future__ import annotations
@@ -193,7 +194,19 @@ class Engine:
                 "free_after_gib": round(free_after / 2**30, 2),
                 "total_gib": round(total / 2**30, 2)}
 
+    def personality(self) -> dict[str, Any]:
+        """WORKLOAD_SELFTEST=personality: a step that LockPersonality=yes refuses (and nothing
+        else in the unit does), to check that the bisection names the line that breaks."""
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        rc = libc.personality(0x0040000)  # ADDR_NO_RANDOMIZE
+        assert rc != -1, f"personality(2) refused: errno {ctypes.get_errno()}"
+        return {}
+
     def start(self) -> None:
+        if os.environ.get("WORKLOAD_SELFTEST") == "personality":
+            self.step("selftest_personality", self.personality)
         if NO_GPU:
             self.report["steps"]["cuda_init"] = {"ok": True, "skipped": "WORKLOAD_NO_GPU=1"}
         else:
