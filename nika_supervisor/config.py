@@ -81,6 +81,7 @@ class HealthConfig:
     canary_interval: float = 300.0  # 0 = off
     canary_timeout: float = 30.0
     min_tokens_per_s: float = 0.0  # 0 = off
+    load_stall: float = 600.0  # no new loading step (shard, phase) for this long: failed; 0 = off
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +110,8 @@ class SupervisorConfig:
     log_format: str = "auto"  # auto | console | keyvalue | json
     log_level: str = "info"
     unit_name: str = "nika-vllm"
+    state_dir: str | None = None  # None: $STATE_DIRECTORY, else /var/lib/nika-vllm (history.py)
+    metrics_listen: tuple[str, int] | None = None  # host, port of /metrics; None = off
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +294,17 @@ def _devices(v: Any) -> tuple[int, ...] | None:
     return tuple(v)
 
 
+def _listen(v: Any) -> tuple[str, int] | None:
+    """"127.0.0.1:9108", "[::1]:9108", "0.0.0.0:9108" (explicit), or null for off."""
+    if v is None:
+        return None
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d+)", v) if isinstance(v, str) \
+        else None
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        raise ValueError(f"expected HOST:PORT like '127.0.0.1:9108', got {v!r}")
+    return m.group(1).strip("[]"), int(m.group(2))
+
+
 def _resident(v: Any) -> int | None:
     return None if v == "auto" else parse_size(v)
 
@@ -422,7 +436,12 @@ def _read_health(r: _Reader, node: yaml.Node | None) -> HealthConfig:
         canary_interval=r.get(s, "canary_interval", w, _duration(False), d.canary_interval),
         canary_timeout=r.get(s, "canary_timeout", w, _duration(), d.canary_timeout),
         min_tokens_per_s=r.get(s, "min_tokens_per_s", w, _number(), d.min_tokens_per_s),
+        load_stall=r.get(s, "load_stall", w, _duration(False), d.load_stall),
     )
+    if "load_stall" in s and cfg.load_stall > 0 and cfg.load_stall >= cfg.startup_timeout:
+        r.issue(s["load_stall"], "health.load_stall",
+                f"must be shorter than health.startup_timeout ({cfg.startup_timeout:g}s), "
+                "or 0 to turn it off")
     return cfg
 
 
@@ -472,6 +491,8 @@ def _read_supervisor(r: _Reader, node: yaml.Node | None) -> SupervisorConfig:
         log_level=r.get(s, "log_level", w, _choice("debug", "info", "warning", "error"),
                         d.log_level),
         unit_name=r.get(s, "unit_name", w, _string, d.unit_name),
+        state_dir=r.get(s, "state_dir", w, _optional_string, d.state_dir),
+        metrics_listen=r.get(s, "metrics_listen", w, _listen, d.metrics_listen),
     )
 
 
