@@ -6,6 +6,10 @@
 #   scripts/gpu-systemd-check.sh [--out DIR] [--python PY] [--no-gpu] [--budget SECONDS]
 #                                            # as root on the GPU machine (no systemd needed,
 #                                            # no network): bench/gpu_systemd.py does the run
+#   scripts/gpu-systemd-check.sh --selftest-bisect [--out DIR]
+#                                            # the workload calls personality(2): the shipped
+#                                            # unit must refuse it and the hardening bisection
+#                                            # must name exactly LockPersonality
 #
 # The GPU machine needs: root, unshare/nsenter, a writable cgroup2, dpkg, and a python3 with
 # torch (CUDA), triton, nvidia-ml-py and pyyaml. Exit 0 only when every check passed; the
