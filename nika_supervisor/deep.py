@@ -1,119 +1,110 @@
-"""Deep liveness, the executor's bookkeeping: which deep check is due for the serving vLLM,
-and what each result means.
+"""Deep liveness for the serving vLLM, as pure values: which deep check is due, and what each
+result means.
 
-The rules are pure and live in metrics.py (the stall rule, the canary schedule, the slow-mode
-hints). This class keeps their state for one vLLM at a time, says which HTTP work is due, and
-turns results into a `Failure` (restart) or log events. It does no I/O: the supervisor runs
-the HTTP calls on its probe pool and hands the results back here on the main thread.
+The rules live in metrics.py (the stall rule, the canary schedule, the slow-mode hints). A
+`DeepState` keeps their state for one vLLM; the functions here return the next state and what
+to do: HTTP work for the executor's pool (`Work`), log events, or a `Failure` (restart). The
+policy holds the state in its SERVING record and calls these; nothing here does I/O.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, replace
 
+from nika_supervisor.actions import Log, Work, log
 from nika_supervisor.config import HealthConfig
+from nika_supervisor.failures import Failure
 from nika_supervisor.metrics import CanaryScheduler, StallRule, VllmMetrics, slow_mode_hints
-from nika_supervisor.policy import Failure
 from nika_supervisor.probes import Generation
 
 SPEED_TOKENS = 16  # the short generation timed once after READY (slow mode)
 
 
 @dataclass(frozen=True, slots=True)
-class Work:
-    """An HTTP call the supervisor should run on its pool for vLLM `pid`."""
+class DeepState:
+    stall: StallRule
+    canary: CanaryScheduler
+    busy: frozenset[str] = field(default=frozenset())  # kinds of work in flight
+    next_metrics: float = 0.0
+    speed_checked: bool = False
 
-    kind: str  # "metrics" | "canary" | "speed"
-    pid: int
-    max_tokens: int = 0
-
-
-class DeepChecks:
-    def __init__(self, health: HealthConfig, log: Any) -> None:
-        self.health = health
-        self.log = log
-        self.stall = StallRule(health.stall_after)
-        self.canary = CanaryScheduler(health.canary_interval)
-        self._busy: set[str] = set()
-        self._next_metrics = 0.0
-        self._speed_checked: int | None = None
-
-    def configure(self, health: HealthConfig) -> None:
-        """A reload: new settings, same history."""
-        self.health = health
-        self.stall.stall_after = health.stall_after
-        self.canary.interval = health.canary_interval
-
-    def reset(self) -> None:
+    @classmethod
+    def fresh(cls, health: HealthConfig) -> DeepState:
         """A new vLLM: the counters of the old one mean nothing."""
-        self.stall.reset()
-        self.canary.reset()
+        return cls(StallRule(health.stall_after), CanaryScheduler(health.canary_interval))
 
-    def _metrics_wanted(self) -> bool:
-        return self.health.stall_after > 0 or self.health.canary_interval > 0
+    def configure(self, health: HealthConfig) -> DeepState:
+        """A reload: new settings, same history."""
+        return replace(self, stall=replace(self.stall, stall_after=health.stall_after),
+                       canary=replace(self.canary, interval=health.canary_interval))
 
-    def deadline(self) -> float | None:
-        """When the next /metrics read is due while serving; None while one is in flight or
-        none are wanted (a past deadline that nothing acts on would spin the loop)."""
-        if "metrics" in self._busy or not self._metrics_wanted():
-            return None
-        return self._next_metrics
+    def done(self, kind: str) -> DeepState:
+        return replace(self, busy=self.busy - {kind})
 
-    def due(self, now: float, pid: int) -> list[Work]:
-        """Work to start now for the serving vLLM `pid`."""
-        out: list[Work] = []
-        if self._metrics_wanted() and now >= self._next_metrics and "metrics" not in self._busy:
-            self._next_metrics = now + self.health.interval
-            out.append(self._start(Work("metrics", pid)))
-        if self.health.min_tokens_per_s > 0 and self._speed_checked != pid \
-                and "speed" not in self._busy:
-            self._speed_checked = pid
-            out.append(self._start(Work("speed", pid, SPEED_TOKENS)))
-        return out
 
-    def _start(self, work: Work) -> Work:
-        self._busy.add(work.kind)
-        return work
+def metrics_wanted(health: HealthConfig) -> bool:
+    return health.stall_after > 0 or health.canary_interval > 0
 
-    def done(self, kind: str) -> None:
-        self._busy.discard(kind)
 
-    def on_metrics(self, now: float, pid: int, m: VllmMetrics | None
-                   ) -> tuple[Failure | None, Work | None]:
-        """A /metrics read came back: a stall (Failure), or a canary to send, or nothing."""
-        if m is not None:
-            why = self.stall.observe(now, m)
-            if why:
-                self.log.error("stall.detected", reason=why)
-                return Failure(f"engine stalled: {why}",
-                               "vLLM's engine makes no progress; see its output",
-                               code="stall"), None
-        if "canary" not in self._busy and self.canary.due(now, m):
-            self.canary.sent(now, m.generation_tokens if m is not None else None)
-            return None, self._start(Work("canary", pid, 1))
-        return None, None
-
-    def on_generated(self, kind: str, g: Generation, env: Mapping[str, str],
-                     args: Mapping[str, object]) -> Failure | None:
-        """A canary (a failure restarts vLLM) or the speed check (warn only) came back."""
-        if kind == "canary":
-            if g.ok:
-                self.log.debug("canary.ok", seconds=round(g.seconds, 3))
-                return None
-            self.log.error("canary.failed", reason=g.reason, seconds=round(g.seconds, 3))
-            return Failure(f"canary completion failed: {g.reason}",
-                           "/health and /v1/models may still answer while the engine is "
-                           "frozen; vLLM is restarted", code="canary")
-        if not g.ok or g.seconds <= 0:
-            self.log.warning("speed.unmeasured", reason=g.reason)
-            return None
-        tps = g.tokens / g.seconds
-        hints = slow_mode_hints(tps, self.health.min_tokens_per_s, env, args)
-        if hints:
-            self.log.warning("vllm.slow_mode", tokens_per_s=round(tps, 2),
-                             minimum=self.health.min_tokens_per_s, hints=hints)
-        else:
-            self.log.info("vllm.speed", tokens_per_s=round(tps, 2), tokens=g.tokens)
+def deadline(d: DeepState, health: HealthConfig) -> float | None:
+    """When the next /metrics read is due; None while one is in flight or none are wanted
+    (a past deadline that nothing acts on would spin the loop)."""
+    if "metrics" in d.busy or not metrics_wanted(health):
         return None
+    return d.next_metrics
+
+
+def due(d: DeepState, health: HealthConfig, now: float, pid: int
+        ) -> tuple[DeepState, list[Work]]:
+    """Work to start now for the serving vLLM `pid`."""
+    out: list[Work] = []
+    if metrics_wanted(health) and now >= d.next_metrics and "metrics" not in d.busy:
+        d = replace(d, next_metrics=now + health.interval, busy=d.busy | {"metrics"})
+        out.append(Work("metrics", pid))
+    if health.min_tokens_per_s > 0 and not d.speed_checked and "speed" not in d.busy:
+        d = replace(d, speed_checked=True, busy=d.busy | {"speed"})
+        out.append(Work("speed", pid, SPEED_TOKENS))
+    return d, out
+
+
+def on_metrics(d: DeepState, now: float, pid: int, m: VllmMetrics | None
+               ) -> tuple[DeepState, list[Log], Failure | None, Work | None]:
+    """A /metrics read came back: a stall (Failure), or a canary to send, or nothing."""
+    d = d.done("metrics")
+    if m is not None:
+        stall, why = d.stall.observe(now, m)
+        d = replace(d, stall=stall)
+        if why:
+            return d, [log("stall.detected", "error", reason=why)], Failure(
+                f"engine stalled: {why}", "vLLM's engine makes no progress; see its output",
+                code="stall"), None
+    canary, is_due = d.canary.due(now, m)
+    d = replace(d, canary=canary)
+    if "canary" not in d.busy and is_due:
+        canary = d.canary.sent(now, m.generation_tokens if m is not None else None)
+        return replace(d, canary=canary, busy=d.busy | {"canary"}), [], None, Work("canary",
+                                                                                    pid, 1)
+    return d, [], None, None
+
+
+def on_generated(d: DeepState, health: HealthConfig, kind: str, g: Generation,
+                 env: Mapping[str, str], args: Mapping[str, object]
+                 ) -> tuple[DeepState, list[Log], Failure | None]:
+    """A canary (a failure restarts vLLM) or the speed check (warn only) came back."""
+    d = d.done(kind)
+    if kind == "canary":
+        if g.ok:
+            return d, [log("canary.ok", "debug", seconds=round(g.seconds, 3))], None
+        return d, [log("canary.failed", "error", reason=g.reason, seconds=round(g.seconds, 3))], \
+            Failure(f"canary completion failed: {g.reason}",
+                    "/health and /v1/models may still answer while the engine is frozen; "
+                    "vLLM is restarted", code="canary")
+    if not g.ok or g.seconds <= 0:
+        return d, [log("speed.unmeasured", "warning", reason=g.reason)], None
+    tps = g.tokens / g.seconds
+    hints = slow_mode_hints(tps, health.min_tokens_per_s, env, args)
+    if hints:
+        return d, [log("vllm.slow_mode", "warning", tokens_per_s=round(tps, 2),
+                       minimum=health.min_tokens_per_s, hints=hints)], None
+    return d, [log("vllm.speed", tokens_per_s=round(tps, 2), tokens=g.tokens)], None

@@ -74,49 +74,45 @@ def parse_metrics(text: str) -> VllmMetrics:
                        sums.get(GENERATION_TOKENS))
 
 
+@dataclass(frozen=True, slots=True)
 class StallRule:
     """Requests running or waiting while generation_tokens does not move: the engine is stuck.
 
     Any movement of the counter is progress, however slow: a saturated server that makes
     one token a minute is slow, not stalled. An idle server (nothing running or waiting)
-    is never stalled. stall_after 0 turns the rule off.
+    is never stalled. stall_after 0 turns the rule off. A value: `observe` returns the next.
     """
 
-    def __init__(self, stall_after: float) -> None:
-        self.stall_after = stall_after
-        self._tokens: float | None = None
-        # When the counter last moved, or the first busy observation after an idle one (the
-        # stall is counted from when requests were first seen, not from the idle time before).
-        self._progress_at: float | None = None
-        self._was_busy = False
+    stall_after: float
+    tokens: float | None = None
+    # When the counter last moved, or the first busy observation after an idle one (the
+    # stall is counted from when requests were first seen, not from the idle time before).
+    progress_at: float | None = None
+    was_busy: bool = False
 
-    def reset(self) -> None:
-        self._tokens = None
-        self._progress_at = None
-        self._was_busy = False
+    def reset(self) -> StallRule:
+        return StallRule(self.stall_after)
 
-    def observe(self, now: float, m: VllmMetrics) -> str | None:
-        """A reason string while stalled (on every observation), else None."""
+    def observe(self, now: float, m: VllmMetrics) -> tuple[StallRule, str | None]:
+        """The next rule, and a reason string while stalled (on every observation)."""
         if self.stall_after <= 0:
-            return None
+            return self, None
         tokens = m.generation_tokens
         if tokens is None:
-            self.reset()
-            return None
-        moved = self._tokens is None or tokens != self._tokens  # a decrease: a new vLLM
-        was_busy, self._was_busy = self._was_busy, m.busy
-        self._tokens = tokens
-        if moved or not m.busy or not was_busy or self._progress_at is None:
-            self._progress_at = now
-            return None
-        stuck = now - self._progress_at
+            return self.reset(), None
+        moved = self.tokens is None or tokens != self.tokens  # a decrease: a new vLLM
+        if moved or not m.busy or not self.was_busy or self.progress_at is None:
+            return StallRule(self.stall_after, tokens, now, m.busy), None
+        nxt = StallRule(self.stall_after, tokens, self.progress_at, m.busy)
+        stuck = now - self.progress_at
         if stuck < self.stall_after:
-            return None
-        return (f"{m.running:g} running and {m.waiting:g} waiting requests, but "
-                f"generation_tokens_total stayed at {tokens:g} for {stuck:.0f}s "
-                f"(health.stall_after {self.stall_after:g}s)")
+            return nxt, None
+        return nxt, (f"{m.running:g} running and {m.waiting:g} waiting requests, but "
+                     f"generation_tokens_total stayed at {tokens:g} for {stuck:.0f}s "
+                     f"(health.stall_after {self.stall_after:g}s)")
 
 
+@dataclass(frozen=True, slots=True)
 class CanaryScheduler:
     """When to send a 1-token canary completion: `interval` after the last canary or the
     last sign of progress (generation_tokens moved), whichever is later. Under steady
@@ -124,36 +120,32 @@ class CanaryScheduler:
     counter too, so at most `interval` after it froze a canary goes out. interval 0 = off.
 
     The first call of due() starts the clock; the canary's own token counts as progress.
+    A value: `due` and `sent` return the next.
     """
 
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._since: float | None = None  # last canary or last progress
-        self._tokens: float | None = None
+    interval: float
+    since: float | None = None  # last canary or last progress
+    tokens: float | None = None
 
-    def reset(self) -> None:
-        self._since = None
-        self._tokens = None
+    def reset(self) -> CanaryScheduler:
+        return CanaryScheduler(self.interval)
 
-    def due(self, now: float, m: VllmMetrics | None) -> bool:
-        """True when a canary should be sent now. m None: /metrics could not be read."""
+    def due(self, now: float, m: VllmMetrics | None) -> tuple[CanaryScheduler, bool]:
+        """The next schedule, and whether a canary should be sent now (m None: /metrics
+        could not be read)."""
         if self.interval <= 0:
-            return False
+            return self, False
         tokens = m.generation_tokens if m is not None else None
-        if self._since is None:
-            self._since, self._tokens = now, tokens
-            return False
-        if tokens is not None and tokens != self._tokens:
-            self._tokens = tokens
-            self._since = now
-            return False
-        return now - self._since >= self.interval
+        if self.since is None:
+            return CanaryScheduler(self.interval, now, tokens), False
+        if tokens is not None and tokens != self.tokens:
+            return CanaryScheduler(self.interval, now, tokens), False
+        return self, now - self.since >= self.interval
 
-    def sent(self, now: float, gen_tokens_at_send: float | None) -> None:
+    def sent(self, now: float, gen_tokens_at_send: float | None) -> CanaryScheduler:
         """A canary went out at `now`; the counter read just before was gen_tokens_at_send."""
-        self._since = now
-        if gen_tokens_at_send is not None:
-            self._tokens = gen_tokens_at_send
+        tokens = self.tokens if gen_tokens_at_send is None else gen_tokens_at_send
+        return CanaryScheduler(self.interval, now, tokens)
 
 
 def _flag(args: Mapping[str, object], name: str) -> object:

@@ -1,5 +1,10 @@
 """The pure decision core: `Policy.decide(state, event, now) -> (state, actions)`.
 
+This module is longer than the others (about 500 lines) on purpose: it is the one place where
+the supervisor decides anything, and splitting its cases across files would scatter exactly
+what a reader comes here to see whole. The per-phase records, events and actions it works on
+live in lifecycle.py, events.py and actions.py; the deep-check rules in deep.py/metrics.py.
+
 Nothing here touches a process, a socket or a clock. The executor (`supervisor.py`) turns
 what happens into events, feeds them in with the current monotonic time, and carries out the
 returned actions. Tests replay scripted histories and assert the exact transitions.
@@ -16,6 +21,7 @@ The life of one vLLM:
 
 Every failure goes through STOPPING, so no restart starts while any process of the old group
 is alive: vLLM's EngineCore and Workers outlive a SIGKILLed API server (issue 2, step 5).
+Every move is checked against `states.ALLOWED`.
 """
 
 from __future__ import annotations
@@ -23,296 +29,197 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
+from typing import Any
 
-from nika_supervisor.config import HealthConfig, RestartConfig
+from nika_supervisor import deep
+from nika_supervisor.actions import (
+    Action,
+    ApplyConfig,
+    CheckGroup,
+    Diagnose,
+    Exit,
+    ExtendTimeout,
+    LoadConfig,
+    NotifyReady,
+    NotifyReloading,
+    NotifyStopping,
+    Preflight,
+    RunDeep,
+    SampleGpu,
+    SignalGroup,
+    Spawn,
+    StartProbe,
+    log,
+    log_fields,
+)
+from nika_supervisor.budget import backoff_delay, in_window
+from nika_supervisor.config import GpuConfig, HealthConfig, RestartConfig
+from nika_supervisor.deep import DeepState
 from nika_supervisor.durations import format_duration
+from nika_supervisor.events import (
+    Boot,
+    ChildExited,
+    ConfigLoaded,
+    ConfigRejected,
+    Diagnosed,
+    Event,
+    Generated,
+    GpuReport,
+    GpuSampled,
+    GroupGone,
+    LiveProbe,
+    MetricsRead,
+    OutputDropped,
+    PreflightResult,
+    ReadyProbe,
+    ReloadRequested,
+    RestartRequested,
+    ServerUp,
+    Spawned,
+    SpawnFailed,
+    StopRequested,
+    Tick,
+)
 from nika_supervisor.exitcodes import ExitCode
-from nika_supervisor.states import Phase
+from nika_supervisor.failures import (
+    BUDGET_SPENT_EXIT,
+    GIVE_UP_EXIT,
+    Failure,
+    Severity,
+    describe_exit,
+    exit_hint,
+    signal_name,
+)
+from nika_supervisor.gpu.residency import check_residency, residency_threshold
+from nika_supervisor.lifecycle import (
+    RECORD_OF,
+    UNSET,
+    Backoff,
+    Done,
+    Life,
+    Loading,
+    Record,
+    Serving,
+    Starting,
+    State,
+    Stopping,
+    Then,
+)
+from nika_supervisor.states import (
+    RUNNING_PHASES,
+    TERMINAL_PHASES,
+    Phase,
+    check_move,
+)
 
-READY_POLL_S = 0.25  # readiness poll while loading; bounds the ready lag
+READY_POLL_S = 0.25  # readiness poll while loading (a fallback: ServerUp probes at once)
 PREFLIGHT_RETRY_S = 0.1  # re-check for orphans this often while they die
 KILL_GRACE_S = 5.0  # after SIGKILL, how long the group gets to disappear
-
-
-class Severity(StrEnum):
-    RETRY = "retry"  # restart vLLM, with backoff, within the restart budget
-    MODEL = "model"  # deterministic: retrying cannot help; give up now (exit 79)
-    GPU_FATAL = "gpu-fatal"  # the GPU or driver needs a human: give up now (exit 80)
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """Why the last vLLM stopped serving: shown in STATUS, the state file and the journal."""
-
-    cause: str
-    hint: str = ""
-    severity: Severity = Severity.RETRY
-    code: str = ""  # a stable id: "exit", "health", "xid.79", a diagnosis signature id, ...
-
-
-class Then(StrEnum):
-    """What follows STOPPING once the group is gone."""
-
-    BACKOFF = "backoff"
-    RESTART_NOW = "restart-now"  # a planned restart (reload): no backoff, no budget
-    EXIT = "exit"
-
-
-# ------------------------------------------------------------------------------------ events
-
-
-@dataclass(frozen=True, slots=True)
-class Boot:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Tick:
-    """Time passed. The executor sends one at every deadline `next_deadline()` names."""
-
-
-@dataclass(frozen=True, slots=True)
-class PreflightResult:
-    orphans_pending: bool = False  # processes of an earlier vLLM were signalled and still live
-    blocked: Failure | None = None  # the start must not happen (port taken, foreign GPU holder)
-
-
-@dataclass(frozen=True, slots=True)
-class Spawned:
-    pid: int
-
-
-@dataclass(frozen=True, slots=True)
-class SpawnFailed:
-    failure: Failure
-
-
-@dataclass(frozen=True, slots=True)
-class ReadyProbe:
-    pid: int
-    ok: bool
-    detail: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class LiveProbe:
-    pid: int
-    ok: bool
-    engine_dead: bool = False
-    reason: str = ""
-    probe: str = "health"
-    diagnosis: Failure | None = None  # what vLLM's output says, when the engine is dead
-
-
-@dataclass(frozen=True, slots=True)
-class ChildExited:
-    pid: int
-    returncode: int | None
-    signal: int | None
-    diagnosis: Failure | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class GroupGone:
-    """No process of the current child's process group is left."""
-
-
-@dataclass(frozen=True, slots=True)
-class Fault:
-    """A watcher (GPU, stall rule, canary, residency) says the serving vLLM is broken."""
-
-    failure: Failure
-
-
-@dataclass(frozen=True, slots=True)
-class StopRequested:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class RestartRequested:
-    reason: str
-
-
-Event = (
-    Boot | Tick | PreflightResult | Spawned | SpawnFailed | ReadyProbe | LiveProbe | ChildExited
-    | GroupGone | Fault | StopRequested | RestartRequested
-)
-
-# ----------------------------------------------------------------------------------- actions
-
-
-@dataclass(frozen=True, slots=True)
-class Preflight:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Spawn:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class SignalGroup:
-    sig: int
-
-
-@dataclass(frozen=True, slots=True)
-class StartProbe:
-    kind: str  # "ready" | "live"
-    pid: int
-
-
-@dataclass(frozen=True, slots=True)
-class NotifyReady:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class NotifyStopping:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Log:
-    event: str
-    level: str = "info"
-    fields: tuple[tuple[str, object], ...] = ()
-
-    def as_dict(self) -> dict[str, object]:
-        return dict(self.fields)
-
-
-@dataclass(frozen=True, slots=True)
-class Exit:
-    code: int
-
-
-Action = (
-    Preflight | Spawn | SignalGroup | StartProbe | NotifyReady | NotifyStopping | Log | Exit
-)
-
-
-def log(event: str, level: str = "info", **fields: object) -> Log:
-    return Log(event, level, tuple(fields.items()))
-
-
-# ------------------------------------------------------------------------------------- state
-
-
-@dataclass(frozen=True, slots=True)
-class State:
-    phase: Phase = Phase.STARTING
-    since: float = 0.0  # when the phase was entered
-    pid: int | None = None  # the current vLLM (its pid is also its process group id)
-    spawned_at: float | None = None
-    ready_at: float | None = None  # when the current vLLM became ready
-    failures: int = 0  # consecutive failed liveness probes
-    next_probe_at: float | None = None
-    ready_probe_in_flight: bool = False
-    restarts: int = 0  # restarts since the daemon started (STATUS)
-    restart_log: tuple[float, ...] = ()  # when each restart in the window was decided
-    attempt: int = 0  # backoff exponent; reset after a healthy stretch
-    wake_at: float | None = None  # BACKOFF: start again; STARTING: re-run preflight
-    stop_deadline: float | None = None
-    killed: bool = False
-    child_exited: bool = True
-    group_gone: bool = True
-    then: Then = Then.BACKOFF
-    exit_code: int = ExitCode.OK
-    backoff_s: float = 0.0
-    preflight_deadline: float | None = None
-    last_failure: Failure | None = None
-    transitions: tuple[tuple[Phase, Phase, str], ...] = field(default=(), compare=False)
-
-
-# ------------------------------------------------------------------------------------ policy
-
-
-def backoff_delay(cfg: RestartConfig, attempt: int, jitter: float) -> float:
-    """Capped exponential backoff with up to 20 % jitter taken off (stamina's shape).
-
-    jitter is a draw from [0, 1); the result stays within [0.8, 1.0] of the capped value.
-    """
-    base = min(cfg.backoff_max, cfg.backoff_initial * (2.0 ** min(attempt, 32)))
-    return base * (1.0 - 0.2 * jitter)
+GROUP_POLL_S = 0.05  # while STOPPING, look for survivors of the group this often
+EXTEND_EVERY_S = 5.0  # while systemd waits on us: EXTEND_TIMEOUT_USEC this often ...
+EXTEND_BY_S = 20.0  # ... by this much, so a hung daemon still times out its start
+DROPPED_LOG_EVERY_S = 60.0  # vllm.output_dropped at most this often
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
     health: HealthConfig
     restart: RestartConfig
+    gpu: GpuConfig = field(default_factory=GpuConfig)
     jitter: Callable[[], float] = field(default=lambda: 0.5)
 
-    # -- helpers --------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: Any, jitter: Callable[[], float] = lambda: 0.5) -> Policy:
+        return cls(cfg.health, cfg.restart, cfg.gpu, jitter)
 
-    def _goto(self, s: State, phase: Phase, now: float, reason: str, acts: list[Action]) -> State:
-        if phase == s.phase:
-            raise AssertionError(f"no-op transition {phase} -> {phase} ({reason})")
+    def with_config(self, cfg: Any) -> Policy:
+        return replace(self, health=cfg.health, restart=cfg.restart, gpu=cfg.gpu)
+
+    # -- moves ------------------------------------------------------------------------------
+
+    def _goto(self, s: State, phase: Phase, rec: Record, now: float, reason: str,
+              acts: list[Action]) -> State:
+        check_move(s.phase, phase, reason)
+        assert isinstance(rec, RECORD_OF[phase]), (phase, rec)
         acts.append(log("phase.changed", "info", **{"from": str(s.phase), "to": str(phase),
                                                       "reason": reason}))
-        return replace(s, phase=phase, since=now,
-                       transitions=(*s.transitions, (s.phase, phase, reason)))
+        return State(phase, now, rec, s.life)
+
+    def _life(self, s: State, **changes: Any) -> State:
+        return replace(s, life=replace(s.life, **changes))
+
+    def _rec(self, s: State, **changes: Any) -> State:
+        return replace(s, rec=replace(s.rec, **changes))
 
     def _start(self, s: State, now: float, reason: str, acts: list[Action]) -> State:
-        s = self._goto(s, Phase.STARTING, now, reason, acts)
         acts.append(Preflight())
-        return replace(s, wake_at=None, preflight_deadline=now + self.restart.stop_timeout)
+        return self._goto(s, Phase.STARTING, Starting(now + self.restart.stop_timeout), now,
+                          reason, acts)
 
     def _stop(self, s: State, now: float, then: Then, code: int, reason: str,
-              acts: list[Action]) -> State:
+              acts: list[Action], backoff_s: float = 0.0) -> State:
         """Begin ending the current group (or, with none, go straight to what follows)."""
-        s = replace(s, then=then, exit_code=code)
-        if s.pid is None or (s.child_exited and s.group_gone):
-            return self._after_stop(s, now, reason, acts)
-        if s.phase != Phase.STOPPING:
-            s = self._goto(s, Phase.STOPPING, now, reason, acts)
-            acts.append(SignalGroup(signal.SIGTERM))
-            s = replace(s, stop_deadline=now + self.restart.stop_timeout, killed=False)
-        return s
+        rec = s.rec
+        if isinstance(rec, Stopping):
+            return self._rec(s, then=then, exit_code=code, backoff_s=backoff_s)
+        if not isinstance(rec, Loading | Serving):
+            return self._after_stop(s, then, code, backoff_s, now, reason, acts)
+        pid = rec.pid
+        acts.append(log("vllm.signal", pgid=pid, signal="SIGTERM"))
+        # A stopped (SIGSTOPped, hung-in-T) process keeps SIGTERM pending until it runs again;
+        # systemd sends SIGCONT after its kill signal for the same reason (systemd.kill(5)).
+        acts += [SignalGroup(pid, signal.SIGTERM), SignalGroup(pid, signal.SIGCONT)]
+        stopping = Stopping(pid, now + self.restart.stop_timeout, then, code, backoff_s,
+                            next_group_check=now + GROUP_POLL_S)
+        return self._goto(s, Phase.STOPPING, stopping, now, reason, acts)
 
-    def _after_stop(self, s: State, now: float, reason: str, acts: list[Action]) -> State:
-        s = replace(s, pid=None, spawned_at=None, ready_at=None, stop_deadline=None,
-                    next_probe_at=None, ready_probe_in_flight=False, failures=0)
-        if s.then is Then.EXIT:
-            final = Phase.STOPPED if s.exit_code == ExitCode.OK else Phase.FAILED
-            s = self._goto(s, final, now, reason, acts)
-            acts.append(Exit(s.exit_code))
-            return s
-        if s.then is Then.RESTART_NOW:
+    def _after_stop(self, s: State, then: Then, code: int, backoff_s: float, now: float,
+                    reason: str, acts: list[Action]) -> State:
+        if then is Then.EXIT:
+            final = Phase.STOPPED if code == ExitCode.OK else Phase.FAILED
+            f = s.life.last_failure
+            acts.append(Exit(code, s.life.restarts, f.cause if f is not None else None))
+            return self._goto(s, final, Done(code), now, reason, acts)
+        if then is Then.RESTART_NOW:
             return self._start(s, now, reason, acts)
-        s = self._goto(s, Phase.BACKOFF, now, reason, acts)
-        return replace(s, wake_at=now + s.backoff_s)
+        return self._goto(s, Phase.BACKOFF, Backoff(now + backoff_s), now, reason, acts)
+
+    def _give_up(self, s: State, now: float, failure: Failure, code: int, reason: str,
+                 acts: list[Action]) -> State:
+        """The one place the daemon gives up."""
+        level = "critical" if code == ExitCode.GPU_FATAL else "error"
+        acts.append(log("supervisor.gave_up", level, reason=reason, hint=failure.hint,
+                        code=int(code)))
+        s = self._life(s, last_failure=failure)
+        return self._stop(s, now, Then.EXIT, code, failure.cause, acts)
 
     def _fail(self, s: State, now: float, failure: Failure, acts: list[Action]) -> State:
-        """A failure of the current vLLM: decide between a restart and giving up, then stop."""
-        s = replace(s, last_failure=failure)
-        if failure.severity is Severity.MODEL:
-            acts.append(log("supervisor.gave_up", "error", reason=failure.cause,
-                            hint=failure.hint, code=int(ExitCode.MODEL_PROBLEM)))
-            return self._stop(s, now, Then.EXIT, ExitCode.MODEL_PROBLEM, failure.cause, acts)
-        if failure.severity is Severity.GPU_FATAL:
-            acts.append(log("supervisor.gave_up", "critical", reason=failure.cause,
-                            hint=failure.hint, code=int(ExitCode.GPU_FATAL)))
-            return self._stop(s, now, Then.EXIT, ExitCode.GPU_FATAL, failure.cause, acts)
-        recent = tuple(t for t in s.restart_log if now - t < self.restart.window)
+        """A failure of the current vLLM (or of a start): a restart, or giving up."""
+        s = self._life(s, last_failure=failure)
+        if failure.severity in GIVE_UP_EXIT:
+            return self._give_up(s, now, failure, GIVE_UP_EXIT[failure.severity],
+                                 failure.cause, acts)
+        recent = in_window(s.life.restart_log, now, self.restart.window)
         if len(recent) >= self.restart.max_restarts:
             why = (f"{len(recent) + 1} failures within {format_duration(self.restart.window)} "
                    f"(max_restarts={self.restart.max_restarts}); last: {failure.cause}")
-            s = replace(s, last_failure=replace(failure, cause=f"gave up: {why}"))
-            acts.append(log("supervisor.gave_up", "error", reason=why, hint=failure.hint,
-                            code=int(ExitCode.GAVE_UP)))
-            return self._stop(s, now, Then.EXIT, ExitCode.GAVE_UP, failure.cause, acts)
-        delay = backoff_delay(self.restart, s.attempt, self.jitter())
-        s = replace(s, restart_log=(*recent, now), restarts=s.restarts + 1,
-                    attempt=s.attempt + 1, backoff_s=delay)
+            return self._give_up(s, now, replace(failure, cause=f"gave up: {why}"),
+                                 BUDGET_SPENT_EXIT, why, acts)
+        delay = backoff_delay(self.restart, s.life.attempt, self.jitter())
+        s = self._life(s, restart_log=(*recent, now), restarts=s.life.restarts + 1,
+                       attempt=s.life.attempt + 1)
         acts.append(log("restart.scheduled", "warning", delay_s=round(delay, 3),
-                        attempt=s.attempt, restarts_in_window=len(recent) + 1,
+                        attempt=s.life.attempt, restarts_in_window=len(recent) + 1,
                         reason=failure.cause))
-        return self._stop(s, now, Then.BACKOFF, ExitCode.OK, failure.cause, acts)
+        return self._stop(s, now, Then.BACKOFF, ExitCode.OK, failure.cause, acts, delay)
 
-    # -- the core ------------------------------------------------------------------------
+    def _fault(self, s: State, now: float, failure: Failure, acts: list[Action]) -> State:
+        """A watcher (GPU, stall rule, canary, residency) says the running vLLM is broken."""
+        acts.append(log("vllm.fault", "error", reason=failure.cause, hint=failure.hint,
+                        code=failure.code))
+        return self._fail(s, now, failure, acts)
+
+    # -- the core -----------------------------------------------------------------------------
 
     def decide(self, s: State, ev: Event, now: float) -> tuple[State, list[Action]]:
         acts: list[Action] = []
@@ -320,238 +227,391 @@ class Policy:
         return s, acts
 
     def _decide(self, s: State, ev: Event, now: float, acts: list[Action]) -> State:
-        p = s.phase
+        p, rec = s.phase, s.rec
         match ev:
             case Boot():
-                acts.append(Preflight())
-                return replace(s, since=now, preflight_deadline=now + self.restart.stop_timeout)
-
-            case StopRequested():
-                acts.append(NotifyStopping())
-                if p in (Phase.STOPPED, Phase.FAILED):
-                    return s
-                if p is Phase.STOPPING:
-                    return replace(s, then=Then.EXIT, exit_code=ExitCode.OK)
-                return self._stop(s, now, Then.EXIT, ExitCode.OK, "stop requested", acts)
-
-            case RestartRequested(reason=reason):
-                if p in (Phase.LOADING, Phase.READY, Phase.UNHEALTHY):
-                    return self._stop(s, now, Then.RESTART_NOW, ExitCode.OK, reason, acts)
-                if p is Phase.BACKOFF:
-                    return self._start(s, now, reason, acts)
-                if p is Phase.STOPPING and s.then is Then.BACKOFF:
-                    return replace(s, then=Then.RESTART_NOW)
-                return s  # STARTING picks the new config up at spawn; terminal phases ignore
+                s = replace(s, since=now, rec=Starting(now + self.restart.stop_timeout))
+                s = self._life(s, gpu=ev.gpu, next_gpu_sample=now, next_gpu_log=now,
+                               next_extend=now)
+                if ev.gpu_finding is not None:
+                    s = self._report(s, ev.gpu_finding, now, acts)
+                if s.phase is Phase.STARTING:
+                    acts.append(Preflight())
+                return s
 
             case Tick():
                 return self._tick(s, now, acts)
 
-            case PreflightResult() if p is Phase.STARTING:
+            case StopRequested():
+                acts.append(log("supervisor.stopping", signal=ev.signal))
+                acts.append(NotifyStopping())
+                if p in TERMINAL_PHASES:
+                    return s
+                return self._stop(s, now, Then.EXIT, ExitCode.OK, "stop requested", acts)
+
+            case RestartRequested(reason=reason):
+                return self._restart(s, now, reason, acts)
+
+            case ReloadRequested():
+                acts += [NotifyReloading(), log("supervisor.reload_requested"), LoadConfig()]
+                return s
+
+            case ConfigRejected(errors=errors):
+                more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+                acts.append(log("supervisor.reload_rejected", "error", errors=list(errors),
+                                hint="the running configuration stays in force"))
+                s = self._life(s, config_error=errors[0] + more)
+                if s.life.ever_ready and not s.life.reload_pending:
+                    acts.append(NotifyReady())
+                return s
+
+            case ConfigLoaded():
+                return self.with_config(ev.cfg)._reconfigured(s, ev, now, acts)
+
+            case PreflightResult() if isinstance(rec, Starting):
                 if ev.blocked is not None:
                     acts.append(log("vllm.start_blocked", "error", reason=ev.blocked.cause,
                                     hint=ev.blocked.hint))
-                    return self._fail(replace(s, pid=None), now, ev.blocked, acts)
+                    return self._fail(s, now, ev.blocked, acts)
                 if ev.orphans_pending:
-                    if s.preflight_deadline is not None and now >= s.preflight_deadline:
+                    if now >= rec.preflight_deadline:
                         f = Failure("processes of an earlier vLLM survive SIGKILL",
                                     "look for processes in D state (GPU driver hang); "
                                     "a reboot may be needed", code="orphans")
                         return self._fail(s, now, f, acts)
-                    return replace(s, wake_at=now + PREFLIGHT_RETRY_S)
+                    return self._rec(s, wake_at=now + PREFLIGHT_RETRY_S)
                 acts.append(Spawn())
-                return replace(s, wake_at=None)
+                return self._rec(s, wake_at=None)
 
-            case Spawned(pid=pid) if p is Phase.STARTING:
-                s = replace(s, pid=pid, spawned_at=now, child_exited=False, group_gone=False,
-                            next_probe_at=now, ready_probe_in_flight=False, failures=0)
-                return self._goto(s, Phase.LOADING, now, "spawned", acts)
+            case Spawned(pid=pid) if isinstance(rec, Starting):
+                return self._goto(s, Phase.LOADING, Loading(pid, now, now), now, "spawned",
+                                  acts)
 
-            case SpawnFailed(failure=failure) if p is Phase.STARTING:
+            case SpawnFailed(failure=failure) if isinstance(rec, Starting):
                 acts.append(log("vllm.spawn_failed", "error", reason=failure.cause,
                                 hint=failure.hint))
                 return self._fail(s, now, failure, acts)
 
-            case ReadyProbe(pid=pid) if pid == s.pid and p is Phase.LOADING:
-                s = replace(s, ready_probe_in_flight=False)
-                if not ev.ok:
-                    return replace(s, next_probe_at=now + READY_POLL_S)
-                load_s = now - (s.spawned_at or now)
-                acts.append(log("vllm.ready", pid=pid, load_s=round(load_s, 3),
-                                restarts=s.restarts))
-                acts.append(NotifyReady())
-                s = replace(s, ready_at=now, failures=0, next_probe_at=now + self.health.interval)
-                return self._goto(s, Phase.READY, now, "model listed", acts)
+            case ServerUp(pid=pid) if isinstance(rec, Loading) and pid == rec.pid:
+                acts.append(log("vllm.server_up", "debug", pid=pid,
+                                after_s=round(now - rec.spawned_at, 3)))
+                if rec.probe_in_flight:
+                    return self._rec(s, probe_again=True)
+                acts.append(StartProbe("ready", pid))
+                return self._rec(s, probe_in_flight=True)
 
-            case ReadyProbe():
-                return replace(s, ready_probe_in_flight=False) if ev.pid == s.pid else s
+            case ReadyProbe(pid=pid) if isinstance(rec, Loading) and pid == rec.pid:
+                return self._ready_probe(s, rec, ev, now, acts)
 
-            case LiveProbe(pid=pid) if pid == s.pid and p in (Phase.READY, Phase.UNHEALTHY):
-                return self._live(s, ev, now, acts)
+            case LiveProbe(pid=pid) if isinstance(rec, Serving) and pid == rec.pid:
+                return self._live(s, rec, ev, now, acts)
 
             case ChildExited(pid=pid) if pid == s.pid:
                 return self._exited(s, ev, now, acts)
 
-            case GroupGone() if s.pid is not None:
-                s = replace(s, group_gone=True)
-                if p is Phase.STOPPING and s.child_exited:
-                    return self._after_stop(s, now, "process group gone", acts)
+            case Diagnosed(ask=ask) if ask.pid == s.pid and p in RUNNING_PHASES:
+                return self._diagnosed(s, ev, now, acts)
+
+            case GroupGone(pgid=pgid) if isinstance(rec, Stopping) and pgid == rec.pid:
+                s = self._rec(s, group_gone=True)
+                if rec.child_exited:
+                    return self._after_stop(s, rec.then, rec.exit_code, rec.backoff_s, now,
+                                            "process group gone", acts)
                 return s
 
-            case Fault(failure=failure) if s.pid is not None and p is not Phase.STOPPING:
-                acts.append(log("vllm.fault", "error", reason=failure.cause, hint=failure.hint,
-                                code=failure.code))
-                return self._fail(s, now, failure, acts)
+            case GpuReport(failure=failure):
+                return self._report(s, failure, now, acts)
 
-            case Fault(failure=failure) if failure.severity is not Severity.RETRY:
-                # Fatal GPU findings matter even with no vLLM running (e.g. during BACKOFF).
-                if p in (Phase.STOPPED, Phase.FAILED):
-                    return s
-                if p is Phase.STOPPING:
-                    code = (ExitCode.GPU_FATAL if failure.severity is Severity.GPU_FATAL
-                            else ExitCode.MODEL_PROBLEM)
-                    acts.append(log("supervisor.gave_up", "critical", reason=failure.cause,
-                                    hint=failure.hint, code=int(code)))
-                    return replace(s, then=Then.EXIT, exit_code=code, last_failure=failure)
-                return self._fail(s, now, failure, acts)
+            case GpuSampled():
+                return self._sampled(s, ev, now, acts)
 
-        return s  # stale or irrelevant: probe results for an old pid, duplicate events
+            case MetricsRead(pid=pid) if isinstance(rec, Serving) and pid == rec.pid:
+                d, logs, stalled, canary = deep.on_metrics(rec.deep, now, pid, ev.metrics)
+                acts += logs
+                s = self._rec(s, deep=d)
+                if stalled is not None:
+                    return self._fault(s, now, stalled, acts)
+                if canary is not None:
+                    acts.append(RunDeep(canary))
+                return s
 
-    def _tick(self, s: State, now: float, acts: list[Action]) -> State:
-        p = s.phase
-        if p is Phase.STARTING and s.wake_at is not None and now >= s.wake_at:
-            acts.append(Preflight())
-            return replace(s, wake_at=None)
-        if p is Phase.BACKOFF and s.wake_at is not None and now >= s.wake_at:
-            return self._start(s, now, "backoff elapsed", acts)
-        if p is Phase.LOADING:
-            assert s.spawned_at is not None and s.pid is not None
-            if now - s.spawned_at >= self.health.startup_timeout:
-                f = Failure(f"not ready after {format_duration(self.health.startup_timeout)} "
-                            "(health.startup_timeout)",
-                            "raise health.startup_timeout if the model loads slowly; "
-                            "otherwise see vLLM's output above", code="startup_timeout")
-                return self._fail(s, now, f, acts)
-            if (not s.ready_probe_in_flight and s.next_probe_at is not None
-                    and now >= s.next_probe_at):
-                acts.append(StartProbe("ready", s.pid))
-                return replace(s, ready_probe_in_flight=True)
-            return s
-        if p in (Phase.READY, Phase.UNHEALTHY):
-            pid, due = s.pid, s.next_probe_at
-            assert pid is not None and due is not None
-            healthy_s = now - s.ready_at if s.ready_at is not None else 0.0
-            if s.attempt and healthy_s >= self.restart.healthy_after:
-                acts.append(log("restart.backoff_reset", healthy_s=round(healthy_s, 1)))
-                s = replace(s, attempt=0)
-            if now >= due:
-                acts.append(StartProbe("live", pid))
-                # Keep the cadence (probes may overlap when each waits for its timeout), but
-                # never schedule into the past after the loop itself was held up.
-                nxt = due + self.health.interval
-                return replace(s, next_probe_at=nxt if nxt > now else now + self.health.interval)
-            return s
-        if p is Phase.STOPPING and s.stop_deadline is not None and now >= s.stop_deadline:
-            if not s.killed:
-                acts.append(log("vllm.stop_timeout", "warning", pid=s.pid,
-                                stop_timeout_s=self.restart.stop_timeout))
-                acts.append(SignalGroup(signal.SIGKILL))
-                return replace(s, killed=True, stop_deadline=now + KILL_GRACE_S)
-            acts.append(log("vllm.unkillable", "critical", pid=s.pid,
-                            hint="processes survive SIGKILL: a GPU driver hang? a reboot may "
-                                 "be needed"))
-            return self._after_stop(replace(s, group_gone=True, child_exited=True), now,
-                                    "group survives SIGKILL", acts)
+            case Generated(pid=pid) if isinstance(rec, Serving) and pid == rec.pid:
+                d, logs, broken = deep.on_generated(rec.deep, self.health, ev.purpose,
+                                                    ev.result, ev.env, ev.args)
+                acts += logs
+                s = self._rec(s, deep=d)
+                return self._fault(s, now, broken, acts) if broken is not None else s
+
+            case OutputDropped(count=count) if count > 0:
+                s = self._life(s, dropped_lines=s.life.dropped_lines + count)
+                return self._report_dropped(s, now, acts)
+
+        return s  # stale or irrelevant: results for an old pid, duplicate events
+
+    # -- cases ----------------------------------------------------------------------------
+
+    def _restart(self, s: State, now: float, reason: str, acts: list[Action]) -> State:
+        rec = s.rec
+        if s.phase in RUNNING_PHASES:
+            return self._stop(s, now, Then.RESTART_NOW, ExitCode.OK, reason, acts)
+        if isinstance(rec, Backoff):
+            return self._start(s, now, reason, acts)
+        if isinstance(rec, Stopping) and rec.then is Then.BACKOFF:
+            return self._rec(s, then=Then.RESTART_NOW)
+        return s  # STARTING picks the new config up at spawn; terminal phases ignore it
+
+    def _reconfigured(self, s: State, ev: ConfigLoaded, now: float,
+                      acts: list[Action]) -> State:
+        """A good reload (self is already the new policy): every component gets the new
+        configuration; a launch change restarts vLLM, and systemd hears READY=1 again only
+        when the new vLLM answers."""
+        acts.append(ApplyConfig(ev.cfg))
+        acts.append(log("supervisor.reloaded", restart_vllm=ev.launch_changed))
+        s = self._life(s, config_error=None)
+        if isinstance(s.rec, Serving):
+            s = self._rec(s, deep=s.rec.deep.configure(self.health))
+        if ev.launch_changed:
+            if s.life.ever_ready and s.pid is not None:
+                s = self._life(s, reload_pending=True, next_extend=now)
+            s = self._restart(s, now, "configuration changed", acts)
+        if s.life.ever_ready and not s.life.reload_pending:
+            acts.append(NotifyReady())
         return s
 
-    def _live(self, s: State, ev: LiveProbe, now: float, acts: list[Action]) -> State:
+    def _ready_probe(self, s: State, rec: Loading, ev: ReadyProbe, now: float,
+                     acts: list[Action]) -> State:
+        if not ev.ok:
+            if rec.probe_again:
+                acts.append(StartProbe("ready", rec.pid))
+                return self._rec(s, probe_again=False)
+            return self._rec(s, probe_in_flight=False, next_probe_at=now + READY_POLL_S)
+        acts.append(log("vllm.ready", pid=rec.pid, load_s=round(now - rec.spawned_at, 3),
+                        restarts=s.life.restarts))
+        acts.append(NotifyReady())
+        s = self._life(s, ever_ready=True, reload_pending=False)
+        serving = Serving(rec.pid, rec.spawned_at, now, now + self.health.interval,
+                          DeepState.fresh(self.health))
+        return self._goto(s, Phase.READY, serving, now, "model listed", acts)
+
+    def _live(self, s: State, rec: Serving, ev: LiveProbe, now: float,
+              acts: list[Action]) -> State:
         if ev.ok:
             if s.phase is Phase.UNHEALTHY:
-                acts.append(log("health.recovered", after_failures=s.failures))
-                s = self._goto(s, Phase.READY, now, "probe ok", acts)
-            return replace(s, failures=0)
+                acts.append(log("health.recovered", after_failures=rec.failures))
+                return self._goto(s, Phase.READY, replace(rec, failures=0), now, "probe ok",
+                                  acts)
+            return self._rec(s, failures=0)
         if ev.engine_dead:
             acts.append(log("health.failed", "error", probe=ev.probe, reason=ev.reason,
-                            consecutive=s.failures + 1, engine_dead=True))
-            d = ev.diagnosis
-            f = (replace(d, cause=f"engine dead ({ev.reason}): {d.cause}") if d is not None
-                 else Failure(f"engine dead: {ev.reason}",
-                              "vLLM's engine died; see its output above", code="engine_dead"))
-            return self._fail(s, now, f, acts)
-        failures = s.failures + 1
+                            consecutive=rec.failures + 1, engine_dead=True))
+            acts.append(Diagnose(rec.pid, "engine_dead", reason=ev.reason))
+            return s
+        failures = rec.failures + 1
         acts.append(log("health.failed", "warning", probe=ev.probe, reason=ev.reason,
                         consecutive=failures, threshold=self.health.failure_threshold))
-        s = replace(s, failures=failures)
+        rec = replace(rec, failures=failures)
+        s = replace(s, rec=rec)
         if failures >= self.health.failure_threshold:
             f = Failure(f"unresponsive: {failures} failed probes, last: {ev.reason}",
                         "a hung or overloaded server; see vLLM's output above", code="health")
             return self._fail(s, now, f, acts)
         if s.phase is Phase.READY:
-            s = self._goto(s, Phase.UNHEALTHY, now, f"probe failed: {ev.reason}", acts)
+            return self._goto(s, Phase.UNHEALTHY, rec, now, f"probe failed: {ev.reason}", acts)
         return s
 
     def _exited(self, s: State, ev: ChildExited, now: float, acts: list[Action]) -> State:
-        requested = s.phase is Phase.STOPPING
-        failure = ev.diagnosis or Failure(describe_exit(ev.returncode, ev.signal, s.phase),
-                                          exit_hint(ev.returncode, ev.signal), code="exit")
-        level = "info" if requested else "error"
-        acts.append(log("vllm.exited", level, pid=ev.pid, returncode=ev.returncode,
-                        signal=signal_name(ev.signal), requested=requested,
-                        cause=None if requested else failure.cause,
-                        hint=None if requested else failure.hint,
-                        diagnosis=None if requested else failure.code,
-                        phase=str(s.phase)))
-        s = replace(s, child_exited=True)
-        if requested:
-            if s.group_gone:
-                return self._after_stop(s, now, "vLLM exited", acts)
+        rec = s.rec
+        if isinstance(rec, Stopping):
+            acts.append(log("vllm.exited", "info", pid=ev.pid, returncode=ev.returncode,
+                            signal=signal_name(ev.signal), requested=True, cause=None,
+                            hint=None, diagnosis=None, phase=str(s.phase)))
+            s = self._rec(s, child_exited=True)
+            if rec.group_gone:
+                return self._after_stop(s, rec.then, rec.exit_code, rec.backoff_s, now,
+                                        "vLLM exited", acts)
             return s
-        return self._fail(s, now, failure, acts)
+        # An exit nobody asked for: what does vLLM's output say?
+        acts.append(Diagnose(ev.pid, "exit", ev.returncode, ev.signal,
+                             loading=s.phase is Phase.LOADING))
+        return s
 
-    # -- timers --------------------------------------------------------------------------
+    def _diagnosed(self, s: State, ev: Diagnosed, now: float, acts: list[Action]) -> State:
+        ask, d = ev.ask, ev.failure
+        if ask.context == "engine_dead":
+            f = (replace(d, cause=f"engine dead ({ask.reason}): {d.cause}") if d is not None
+                 else Failure(f"engine dead: {ask.reason}",
+                              "vLLM's engine died; see its output above", code="engine_dead"))
+            return self._fail(s, now, f, acts)
+        failure = d or Failure(describe_exit(ask.returncode, ask.signal, ask.loading),
+                               exit_hint(ask.returncode, ask.signal), code="exit")
+        acts.append(log("vllm.exited", "error", pid=ask.pid, returncode=ask.returncode,
+                        signal=signal_name(ask.signal), requested=False, cause=failure.cause,
+                        hint=failure.hint, diagnosis=failure.code, phase=str(s.phase)))
+        # The process is gone; its group (EngineCore, workers) may not be: STOPPING ends it.
+        s = self._fail(s, now, failure, acts)
+        if isinstance(s.rec, Stopping) and s.rec.pid == ask.pid:
+            s = self._rec(s, child_exited=True)
+        return s
+
+    # -- the GPU ------------------------------------------------------------------------------
+
+    def _report(self, s: State, f: Failure, now: float, acts: list[Action]) -> State:
+        """A GPU finding, mapped by severity (README.md, GPU health)."""
+        p = s.phase
+        if f.severity is Severity.WARN:
+            acts.append(log_fields("gpu.finding", "warning", f.fields()))
+            return s
+        if f.severity in GIVE_UP_EXIT:
+            acts.append(log_fields("gpu.fatal", "critical", f.fields()))
+            if p in TERMINAL_PHASES:
+                return s
+            if p in RUNNING_PHASES:
+                return self._fault(s, now, f, acts)
+            return self._give_up(s, now, f, GIVE_UP_EXIT[f.severity], f.cause, acts)
+        # RETRY: only about a vLLM that is running. Xids 43/45 also follow our own kill.
+        if p in RUNNING_PHASES:
+            acts.append(log_fields("gpu.finding", "error", f.fields()))
+            return self._fault(s, now, f, acts)
+        acts.append(log_fields("gpu.finding_ignored", "info", {"phase": str(p), **f.fields()}))
+        return s
+
+    def _sampled(self, s: State, ev: GpuSampled, now: float, acts: list[Action]) -> State:
+        if now >= s.life.next_gpu_log:
+            s = self._life(s, next_gpu_log=now + self.gpu.sample_interval)
+            acts.append(log_fields("gpu.sample", "info", dict(ev.fields)))
+        for f in ev.findings:
+            s = self._report(s, f, now, acts)
+        rec = s.rec
+        if s.phase is not Phase.READY or not isinstance(rec, Serving) or rec.pid != ev.pid:
+            return s
+        if rec.residency is UNSET:
+            floor = residency_threshold(self.gpu.min_resident_memory, ev.resident_bytes)
+            rec = replace(rec, residency=floor)
+            s = replace(s, rec=rec)
+            if floor is not None:
+                acts.append(log("gpu.residency", pid=rec.pid, held=ev.resident_bytes,
+                                min_resident=floor))
+        assert not isinstance(rec.residency, str)
+        finding = check_residency(rec.residency, ev.resident_bytes)
+        return self._report(s, finding.failure, now, acts) if finding is not None else s
+
+    # -- time -----------------------------------------------------------------------------
+
+    def extending(self, s: State) -> bool:
+        """While systemd waits on us (start, a restarting reload, the final stop), keep its
+        timeout alive; a daemon that hangs stops extending and times out (sd_notify(3))."""
+        rec = s.rec
+        final_stop = isinstance(rec, Stopping) and rec.then is Then.EXIT
+        return s.phase not in TERMINAL_PHASES and (
+            not s.life.ever_ready or s.life.reload_pending or final_stop)
+
+    def _tick(self, s: State, now: float, acts: list[Action]) -> State:
+        life = s.life
+        if self.extending(s) and now >= life.next_extend:
+            acts.append(ExtendTimeout(EXTEND_BY_S))
+            s = self._life(s, next_extend=now + EXTEND_EVERY_S)
+        if life.gpu and s.phase not in TERMINAL_PHASES and now >= life.next_gpu_sample:
+            acts.append(SampleGpu(s.pid))
+            s = self._life(s, next_gpu_sample=now + self.health.interval)
+        s = self._report_dropped(s, now, acts)
+        return self._tick_phase(s, s.rec, now, acts)
+
+    def _tick_phase(self, s: State, rec: Record, now: float, acts: list[Action]) -> State:
+        match rec:
+            case Starting(wake_at=wake) if wake is not None and now >= wake:
+                acts.append(Preflight())
+                return self._rec(s, wake_at=None)
+            case Backoff(wake_at=wake) if now >= wake:
+                return self._start(s, now, "backoff elapsed", acts)
+            case Loading():
+                if now - rec.spawned_at >= self.health.startup_timeout:
+                    f = Failure(f"not ready after {format_duration(self.health.startup_timeout)}"
+                                " (health.startup_timeout)",
+                                "raise health.startup_timeout if the model loads slowly; "
+                                "otherwise see vLLM's output above", code="startup_timeout")
+                    return self._fail(s, now, f, acts)
+                if not rec.probe_in_flight and now >= rec.next_probe_at:
+                    acts.append(StartProbe("ready", rec.pid))
+                    return self._rec(s, probe_in_flight=True)
+            case Serving():
+                return self._tick_serving(s, rec, now, acts)
+            case Stopping():
+                return self._tick_stopping(s, rec, now, acts)
+        return s
+
+    def _tick_serving(self, s: State, rec: Serving, now: float, acts: list[Action]) -> State:
+        healthy_s = now - rec.ready_at
+        if s.life.attempt and healthy_s >= self.restart.healthy_after:
+            acts.append(log("restart.backoff_reset", healthy_s=round(healthy_s, 1)))
+            s = self._life(s, attempt=0)
+        d, work = deep.due(rec.deep, self.health, now, rec.pid)
+        acts += [RunDeep(w) for w in work]
+        rec = replace(rec, deep=d)
+        if now >= rec.next_probe_at:
+            acts.append(StartProbe("live", rec.pid))
+            # Keep the cadence (probes may overlap when each waits for its timeout), but
+            # never schedule into the past after the loop itself was held up.
+            nxt = rec.next_probe_at + self.health.interval
+            rec = replace(rec, next_probe_at=nxt if nxt > now else now + self.health.interval)
+        return replace(s, rec=rec)
+
+    def _tick_stopping(self, s: State, rec: Stopping, now: float, acts: list[Action]) -> State:
+        if not rec.group_gone and now >= rec.next_group_check:
+            acts.append(CheckGroup(rec.pid))
+            s = self._rec(s, next_group_check=now + GROUP_POLL_S)
+        if now < rec.deadline:
+            return s
+        if not rec.killed:
+            acts.append(log("vllm.stop_timeout", "warning", pid=rec.pid,
+                            stop_timeout_s=self.restart.stop_timeout))
+            acts.append(log("vllm.signal", pgid=rec.pid, signal="SIGKILL"))
+            acts.append(SignalGroup(rec.pid, signal.SIGKILL))
+            return self._rec(s, killed=True, deadline=now + KILL_GRACE_S)
+        acts.append(log("vllm.unkillable", "critical", pid=rec.pid,
+                        hint="processes survive SIGKILL: a GPU driver hang? a reboot may "
+                             "be needed"))
+        return self._after_stop(s, rec.then, rec.exit_code, rec.backoff_s, now,
+                                "group survives SIGKILL", acts)
+
+    def _report_dropped(self, s: State, now: float, acts: list[Action]) -> State:
+        life = s.life
+        new = life.dropped_lines - life.logged_dropped
+        if new <= 0 or now < life.next_dropped_log:
+            return s
+        acts.append(log("vllm.output_dropped", "warning", lines=new, total=life.dropped_lines,
+                        hint="the journal could not keep up with vLLM's output; see "
+                             "`journalctl -u systemd-journald`"))
+        return self._life(s, logged_dropped=life.dropped_lines,
+                          next_dropped_log=now + DROPPED_LOG_EVERY_S)
 
     def next_deadline(self, s: State) -> float | None:
         """The earliest monotonic time at which `decide(s, Tick(), t)` may act."""
-        p = s.phase
+        rec, life = s.rec, s.life
         times: list[float | None] = []
-        if p in (Phase.STARTING, Phase.BACKOFF):
-            times.append(s.wake_at)
-        elif p is Phase.LOADING:
-            assert s.spawned_at is not None
-            times.append(s.spawned_at + self.health.startup_timeout)
-            if not s.ready_probe_in_flight:
-                times.append(s.next_probe_at)
-        elif p in (Phase.READY, Phase.UNHEALTHY):
-            times.append(s.next_probe_at)
-        elif p is Phase.STOPPING:
-            times.append(s.stop_deadline)
+        match rec:
+            case Starting() | Backoff():
+                times.append(rec.wake_at)
+            case Loading():
+                times.append(rec.spawned_at + self.health.startup_timeout)
+                if not rec.probe_in_flight:
+                    times.append(rec.next_probe_at)
+            case Serving():
+                times += [rec.next_probe_at, deep.deadline(rec.deep, self.health)]
+                if life.attempt:
+                    times.append(rec.ready_at + self.restart.healthy_after)
+            case Stopping():
+                times.append(rec.deadline)
+                if not rec.group_gone:
+                    times.append(rec.next_group_check)
+        if s.phase not in TERMINAL_PHASES:
+            if self.extending(s):
+                times.append(life.next_extend)
+            if life.gpu:
+                times.append(life.next_gpu_sample)
+            if life.dropped_lines > life.logged_dropped:
+                times.append(life.next_dropped_log)
         present = [t for t in times if t is not None]
         return min(present) if present else None
 
 
-# ----------------------------------------------------------------------- exit descriptions
-
-
-def signal_name(sig: int | None) -> str | None:
-    if sig is None:
-        return None
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
-
-
-def describe_exit(returncode: int | None, sig: int | None, phase: Phase) -> str:
-    when = "while loading" if phase in (Phase.LOADING, Phase.STARTING) else "while serving"
-    if sig is not None:
-        return f"killed by {signal_name(sig)} {when}"
-    if returncode == 0:
-        return f"exited with code 0 {when}, unrequested (vLLM exits 0 after its engine dies)"
-    return f"exited with code {returncode} {when}"
-
-
-def exit_hint(returncode: int | None, sig: int | None) -> str:
-    if sig == signal.SIGKILL:
-        return "SIGKILL that the supervisor did not send: the kernel's OOM killer? see dmesg"
-    if sig == signal.SIGSEGV or sig == signal.SIGABRT:
-        return "vLLM crashed; see its output above"
-    return "see vLLM's output above (journalctl -u nika-vllm)"
+__all__ = ["Life", "Policy", "State", "Then"]

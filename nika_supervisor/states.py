@@ -1,4 +1,6 @@
-"""The supervisor's phases, and the groups the rest of the code asks about. Leaf module."""
+"""The supervisor's phases, the groups the rest of the code asks about, and the table of
+allowed moves between phases (`check_move` asserts every transition against it). Leaf module.
+"""
 
 from enum import StrEnum
 
@@ -14,9 +16,33 @@ class Phase(StrEnum):
     STOPPED = "stopped"  # stopped on request; the daemon is exiting 0
 
 
-# vLLM has (or may have) a live process group in these phases.
+# vLLM has a live process group in these phases.
 CHILD_PHASES = frozenset({Phase.LOADING, Phase.READY, Phase.UNHEALTHY, Phase.STOPPING})
+# vLLM runs and is not being stopped: a fault or a restart request is about it.
+RUNNING_PHASES = frozenset({Phase.LOADING, Phase.READY, Phase.UNHEALTHY})
 # The model is answering in these phases (UNHEALTHY: it was, and has not failed enough yet).
 SERVING_PHASES = frozenset({Phase.READY, Phase.UNHEALTHY})
 # Nothing follows these phases but the daemon's exit.
 TERMINAL_PHASES = frozenset({Phase.FAILED, Phase.STOPPED})
+
+# Every move the policy may make. STARTING -> FAILED/STOPPED/BACKOFF: a start refused before
+# any process exists (a foreign GPU holder, a fatal GPU at boot, a stop during preflight).
+ALLOWED: dict[Phase, frozenset[Phase]] = {
+    Phase.STARTING: frozenset({Phase.LOADING, Phase.BACKOFF, Phase.FAILED, Phase.STOPPED}),
+    Phase.LOADING: frozenset({Phase.READY, Phase.STOPPING}),
+    Phase.READY: frozenset({Phase.UNHEALTHY, Phase.STOPPING}),
+    Phase.UNHEALTHY: frozenset({Phase.READY, Phase.STOPPING}),
+    Phase.STOPPING: frozenset({Phase.BACKOFF, Phase.STARTING, Phase.FAILED, Phase.STOPPED}),
+    Phase.BACKOFF: frozenset({Phase.STARTING, Phase.FAILED, Phase.STOPPED}),
+    Phase.FAILED: frozenset(),
+    Phase.STOPPED: frozenset(),
+}
+
+
+class IllegalMove(AssertionError):
+    pass
+
+
+def check_move(old: Phase, new: Phase, reason: str) -> None:
+    if new not in ALLOWED[old]:
+        raise IllegalMove(f"{old} -> {new} is not an allowed move ({reason})")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import itertools
 import re
-import signal as signal_mod
 import threading
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -31,6 +30,7 @@ from nika_supervisor.diagnosis.table import (
     Verdict,
     load_table,
 )
+from nika_supervisor.failures import Failure, Severity, signal_name
 
 RING_LINES = 200  # recent lines kept for `recent()` (context in STATUS or a bug report)
 ERROR_LINES = 64  # exception lines kept, to find the first one of the final failure
@@ -58,6 +58,14 @@ class Diagnosis:
     hint: str
     line: str | None  # the output line it was recognised by (None: from the exit status)
 
+    @property
+    def failure(self) -> Failure:
+        """In the one failure vocabulary: give-up is MODEL (exit 79); both retry verdicts are
+        RETRY, since every restart follows a cleanup of the whole group and the diagnoser
+        itself turns the same cleanup cause twice in a row into give-up."""
+        severity = Severity.MODEL if self.verdict is Verdict.GIVE_UP else Severity.RETRY
+        return Failure(self.cause, self.hint, severity, self.id)
+
 
 class _Hit(NamedTuple):
     order: int  # the signature's position in the table
@@ -72,11 +80,7 @@ def exit_text(returncode: int | None, sig: int | None) -> str:
     Both None: vLLM is still running but its engine is dead (/health answered 503), which
     the supervisor diagnoses before it stops the server: 'stopped serving'."""
     if sig is not None:
-        try:
-            name = signal_mod.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        return f"was killed by {name}"
+        return f"was killed by {signal_name(sig)}"
     if returncode is not None:
         return f"exited with code {returncode}"
     return "stopped serving"

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from nika_supervisor.failures import Failure, Severity
 from nika_supervisor.gpu import nvml as n
 
 
@@ -58,10 +59,21 @@ class GpuFinding:
     hint: str
     device: int | None = None
 
+    @property
+    def failure(self) -> Failure:
+        """In the one failure vocabulary (failures.py); SEVERITY maps the class."""
+        return Failure(self.reason, self.hint, SEVERITY[self.klass], self.code, self.device)
+
     def fields(self) -> dict[str, object]:
         """For the `gpu.finding` / `gpu.fatal` log events."""
-        return {"class": str(self.klass), "code": self.code, "reason": self.reason,
-                "hint": self.hint, "device": self.device}
+        return self.failure.fields()
+
+
+SEVERITY: dict[FailureClass, Severity] = {
+    FailureClass.WARN: Severity.WARN,
+    FailureClass.RESTART: Severity.RETRY,
+    FailureClass.FATAL: Severity.GPU_FATAL,
+}
 
 
 @dataclass(frozen=True, slots=True)

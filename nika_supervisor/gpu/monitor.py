@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from enum import StrEnum
 from typing import Any
 
+from nika_supervisor.budget import capped_backoff
 from nika_supervisor.config import GpuConfig
 from nika_supervisor.gpu import holders as hl
 from nika_supervisor.gpu import nvml as n
@@ -48,6 +49,15 @@ class NvmlState(StrEnum):
     FATAL = "fatal"
 
 
+# Every move the monitor may make (the diagram above). FATAL is left only by close().
+NVML_ALLOWED: dict[NvmlState, frozenset[NvmlState]] = {
+    NvmlState.OFF: frozenset({NvmlState.UP, NvmlState.FATAL}),
+    NvmlState.UP: frozenset({NvmlState.DOWN, NvmlState.FATAL, NvmlState.OFF}),
+    NvmlState.DOWN: frozenset({NvmlState.UP, NvmlState.FATAL, NvmlState.OFF}),
+    NvmlState.FATAL: frozenset({NvmlState.OFF}),
+}
+
+
 class _DeviceError(Exception):
     def __init__(self, device: int, error: n.NvmlError) -> None:
         self.device = device
@@ -64,10 +74,10 @@ class GpuMonitor:
                  nvml: n.Nvml | None = None, clock: Callable[[], float] = time.monotonic,
                  base_env: Mapping[str, str] | None = None, meminfo_path: str = "/proc/meminfo",
                  device_glob: str = hl.DEVICE_GLOB, proc_root: str = "/proc",
-                 event_timeout_ms: int = 500) -> None:
-        self.cfg = cfg
-        # vLLM inherits the daemon's environment; vllm.env overrides it (command.build_env).
-        self.env = {**(os.environ if base_env is None else base_env), **(vllm_env or {})}
+                 event_timeout_ms: int = 500, log: Any = None) -> None:
+        self._base_env = dict(os.environ if base_env is None else base_env)
+        self.configure(cfg, vllm_env)
+        self.log = log
         self._emit = emit or (lambda f: None)
         self.nvml = nvml or n.Nvml()
         self.clock = clock
@@ -101,16 +111,35 @@ class GpuMonitor:
     def devices(self) -> tuple[int, ...]:
         return tuple(self.handles)
 
-    def _set_state(self, new: NvmlState) -> None:
+    def configure(self, cfg: GpuConfig, vllm_env: Mapping[str, str] | None = None) -> None:
+        """The running configuration (at start and on every reload)."""
+        self.cfg = cfg
+        # vLLM inherits the daemon's environment; vllm.env overrides it (command.build_env).
+        self.env = {**self._base_env, **(vllm_env or {})}
+
+    def _set_state(self, new: NvmlState, why: str) -> None:
+        """Every move goes through here: checked against NVML_ALLOWED and logged."""
         with self._lock:
-            if self._state is not NvmlState.FATAL:  # FATAL is final
+            old = self._state
+            if new is old:
+                return
+            # The event thread may declare FATAL while the main thread handles an error of
+            # the same fault: FATAL stays, and says so.
+            refused = old is NvmlState.FATAL and new is not NvmlState.OFF
+            assert refused or new in NVML_ALLOWED[old], f"NVML {old} -> {new} ({why})"
+            if not refused:
                 self._state = new
+        if self.log is not None:
+            fields = {"from": str(old), "to": str(old if refused else new), "why": why}
+            if refused:
+                fields["refused"] = str(new)
+            self.log.info("gpu.nvml_state", **fields)
 
     # ------------------------------------------------------------------------- start
     def start(self) -> GpuFinding | None:
         """Initialise NVML once. None when fine; else a FATAL or WARN finding (see module doc)."""
         if self.cfg.nvml == "off":
-            self._set_state(NvmlState.OFF)
+            self._set_state(NvmlState.OFF, "gpu.nvml: off")
             return None
         try:
             problem = self._open()
@@ -119,7 +148,7 @@ class GpuMonitor:
             return self._init_failed(e)
         if problem is not None and self.cfg.nvml == "required":
             return self._no_device(problem)
-        self._set_state(NvmlState.UP)
+        self._set_state(NvmlState.UP, "nvml up")
         if problem is None:
             return None
         f = condition("gpu.no_device", what=problem)  # optional: watch what there is
@@ -135,19 +164,19 @@ class GpuMonitor:
         return problem
 
     def _no_device(self, problem: str) -> GpuFinding:
-        self._set_state(NvmlState.FATAL)
+        self._set_state(NvmlState.FATAL, f"no usable device: {problem}")
         self._stop_watcher()
         return condition("gpu.no_device", what=problem)
 
     def _init_failed(self, e: n.NvmlError) -> GpuFinding:
         fatal = nvml_fatal_finding(e.code, None)
         if fatal is not None:
-            self._set_state(NvmlState.FATAL)
+            self._set_state(NvmlState.FATAL, f"fatal init error: {e}")
             return fatal
         if self.cfg.nvml == "required":
-            self._set_state(NvmlState.FATAL)
+            self._set_state(NvmlState.FATAL, f"required and init failed: {e}")
             return condition("nvml.unavailable", error=str(e))
-        self._set_state(NvmlState.OFF)
+        self._set_state(NvmlState.OFF, f"optional and init failed: {e}")
         return condition("nvml.unavailable.optional", error=str(e))
 
     def _open_devices(self) -> str | None:
@@ -184,7 +213,7 @@ class GpuMonitor:
     def _on_event(self, finding: GpuFinding) -> None:
         """Called on the watcher thread."""
         if finding.klass is FailureClass.FATAL:
-            self._set_state(NvmlState.FATAL)
+            self._set_state(NvmlState.FATAL, f"fatal event: {finding.code}")
         self._emit(finding)
 
     # ------------------------------------------------------------------------- sample
@@ -303,9 +332,9 @@ class GpuMonitor:
         self._stop_watcher()
         fatal = nvml_fatal_finding(e.code, device)
         if fatal is not None:
-            self._set_state(NvmlState.FATAL)
+            self._set_state(NvmlState.FATAL, f"fatal NVML error: {e}")
             return [fatal]
-        self._set_state(NvmlState.DOWN)
+        self._set_state(NvmlState.DOWN, f"NVML error: {e}")
         self._down_error = e
         self._down_since = now
         self._attempts = 0
@@ -315,8 +344,8 @@ class GpuMonitor:
         return [condition("nvml.error", device, error=where + str(e))]
 
     def _backoff(self) -> float:
-        return float(min(self.reinit_backoff_initial * 2 ** self._attempts,
-                         self.reinit_backoff_max))
+        return capped_backoff(self.reinit_backoff_initial, self.reinit_backoff_max,
+                              self._attempts)
 
     def _maybe_reinit(self, now: float) -> list[GpuFinding]:
         if now < self._next_reinit:
@@ -335,7 +364,7 @@ class GpuMonitor:
             return self._reinit_failed(e, now)
         if problem is not None and self.cfg.nvml == "required":
             return [self._no_device(problem)]
-        self._set_state(NvmlState.UP)
+        self._set_state(NvmlState.UP, "re-init ok")
         err = str(self._down_error) if self._down_error else "?"
         self._down_error = None
         return [condition("nvml.recovered", error=err)]
@@ -343,7 +372,7 @@ class GpuMonitor:
     def _reinit_failed(self, e: n.NvmlError, now: float) -> list[GpuFinding]:
         fatal = nvml_fatal_finding(e.code, None)
         if fatal is not None:
-            self._set_state(NvmlState.FATAL)
+            self._set_state(NvmlState.FATAL, f"fatal re-init error: {e}")
             return [fatal]
         self._attempts += 1
         self._next_reinit = now + self._backoff()
@@ -352,7 +381,7 @@ class GpuMonitor:
         self._gave_up_reported = True
         what = f"{e}; down for {now - self._down_since:.0f}s"
         if self.cfg.nvml == "required":
-            self._set_state(NvmlState.FATAL)
+            self._set_state(NvmlState.FATAL, "required and down too long")
             return [condition("nvml.unavailable", error=what)]
         return [condition("nvml.unavailable.optional", error=what)]
 
@@ -400,4 +429,4 @@ class GpuMonitor:
             self._watcher = None
         if not (w is not None and w.alive()):
             self._quiet_shutdown()
-        self._set_state(NvmlState.OFF)
+        self._set_state(NvmlState.OFF, "closed")

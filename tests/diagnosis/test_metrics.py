@@ -57,9 +57,34 @@ def test_parse_tricky_labels_timestamps_and_nan() -> None:
     assert parse_metrics(text) == VllmMetrics(2.0, 0.0, 700.0)
 
 
+class StallRun:
+    """Threads the frozen StallRule through a scripted series of reads."""
+
+    def __init__(self, stall_after: float) -> None:
+        self.rule = StallRule(stall_after)
+
+    def observe(self, now: float, mm: VllmMetrics) -> str | None:
+        self.rule, why = self.rule.observe(now, mm)
+        return why
+
+
+class CanaryRun:
+    """Threads the frozen CanaryScheduler through a scripted series of reads."""
+
+    def __init__(self, interval: float) -> None:
+        self.sched = CanaryScheduler(interval)
+
+    def due(self, now: float, mm: VllmMetrics | None) -> bool:
+        self.sched, due = self.sched.due(now, mm)
+        return due
+
+    def sent(self, now: float, tokens: float | None) -> None:
+        self.sched = self.sched.sent(now, tokens)
+
+
 def test_stall_when_busy_and_flat() -> None:
     """Requests running, counter flat for stall_after: a reason naming the figures."""
-    rule = StallRule(120)
+    rule = StallRun(120)
     assert rule.observe(0, m(2, 1, 500)) is None
     assert rule.observe(119, m(2, 1, 500)) is None
     reason = rule.observe(120, m(2, 1, 500))
@@ -70,7 +95,7 @@ def test_stall_when_busy_and_flat() -> None:
 def test_saturated_but_slow_server_is_never_stalled() -> None:
     """Under load every token counts: 1 token per 100 s for an hour, stall_after 120 s,
     64 requests queued the whole time, and never a stall."""
-    rule = StallRule(120)
+    rule = StallRun(120)
     tokens = 0
     for t in range(0, 3600, 5):
         if t % 100 == 0:
@@ -80,7 +105,7 @@ def test_saturated_but_slow_server_is_never_stalled() -> None:
 
 def test_idle_server_is_never_stalled() -> None:
     """Nothing running or waiting: a flat counter is idleness, not a stall."""
-    rule = StallRule(120)
+    rule = StallRun(120)
     for t in range(0, 7200, 30):
         assert rule.observe(t, m(0, 0, 42)) is None
 
@@ -88,7 +113,7 @@ def test_idle_server_is_never_stalled() -> None:
 def test_stall_clock_starts_when_requests_arrive() -> None:
     """An idle hour then a stuck request: the stall is counted from the request, not the
     hour before."""
-    rule = StallRule(120)
+    rule = StallRun(120)
     for t in range(0, 3600, 60):
         rule.observe(t, m(0, 0, 42))
     assert rule.observe(3600, m(1, 0, 42)) is None
@@ -98,7 +123,7 @@ def test_stall_clock_starts_when_requests_arrive() -> None:
 
 def test_progress_after_a_stall_clears_it() -> None:
     """Once the counter moves the rule is quiet again."""
-    rule = StallRule(10)
+    rule = StallRun(10)
     rule.observe(0, m(1, 0, 5))
     assert rule.observe(10, m(1, 0, 5)) is not None
     assert rule.observe(11, m(1, 0, 6)) is None
@@ -107,9 +132,9 @@ def test_progress_after_a_stall_clears_it() -> None:
 
 def test_stall_rule_off_and_unknown_counter() -> None:
     """stall_after 0 turns the rule off; without the counter nothing can be judged."""
-    off = StallRule(0)
+    off = StallRun(0)
     assert all(off.observe(t, m(5, 5, 1)) is None for t in range(0, 1000, 10))
-    rule = StallRule(10)
+    rule = StallRun(10)
     assert all(rule.observe(t, m(5, 5, None)) is None for t in range(0, 1000, 10))
 
 
@@ -117,7 +142,7 @@ def test_frozen_engine_is_invisible_to_the_stall_rule_but_not_to_the_canary() ->
     """The issue's SIGSTOPped engine: /metrics shows 0 running, 0 waiting and a flat
     counter. The stall rule stays quiet; the canary becomes due after its interval."""
     frozen = m(0, 0, 1000)
-    rule, canary = StallRule(120), CanaryScheduler(300)
+    rule, canary = StallRun(120), CanaryRun(300)
     due_at = None
     for t in range(0, 1000, 5):
         assert rule.observe(t, frozen) is None
@@ -129,13 +154,13 @@ def test_frozen_engine_is_invisible_to_the_stall_rule_but_not_to_the_canary() ->
 
 def test_no_canary_while_traffic_makes_progress() -> None:
     """Steady generation keeps moving the counter: no canary is ever due."""
-    canary = CanaryScheduler(300)
+    canary = CanaryRun(300)
     assert not any(canary.due(t, m(4, 0, t * 10)) for t in range(0, 3600, 5))
 
 
 def test_canary_due_interval_after_progress_stops() -> None:
     """Traffic until t=1000, then a freeze: the canary is due at t=1300."""
-    canary = CanaryScheduler(300)
+    canary = CanaryRun(300)
     due = [t for t in range(0, 2000, 5)
            if canary.due(t, m(1, 0, min(t, 1000)))]
     assert due[0] == 1300
@@ -144,7 +169,7 @@ def test_canary_due_interval_after_progress_stops() -> None:
 def test_sent_canary_restarts_the_interval() -> None:
     """After a canary at t=300, the next is due at t=600, the canary's own token (seen as
     progress) moving that to one interval after it was observed."""
-    canary = CanaryScheduler(300)
+    canary = CanaryRun(300)
     canary.due(0, m(tokens=50))
     assert canary.due(300, m(tokens=50))
     canary.sent(300, 50)
@@ -159,10 +184,10 @@ def test_sent_canary_restarts_the_interval() -> None:
 
 def test_canary_without_metrics_and_off() -> None:
     """/metrics unreadable: the canary goes by time alone; interval 0: never."""
-    canary = CanaryScheduler(60)
+    canary = CanaryRun(60)
     assert not canary.due(0, None)
     assert canary.due(60, None)
-    off = CanaryScheduler(0)
+    off = CanaryRun(0)
     assert not any(off.due(t, None) for t in range(0, 10_000, 100))
 
 

@@ -8,57 +8,67 @@ from dataclasses import replace
 
 import pytest
 
-from nika_supervisor.clock import FakeClock
-from nika_supervisor.config import HealthConfig, RestartConfig
-from nika_supervisor.exitcodes import ExitCode
-from nika_supervisor.policy import (
+from nika_supervisor.actions import (
     Action,
-    Boot,
-    ChildExited,
-    Event,
+    Diagnose,
     Exit,
-    Failure,
-    Fault,
-    GroupGone,
-    LiveProbe,
     Log,
     NotifyReady,
     NotifyStopping,
-    Policy,
     Preflight,
+    SignalGroup,
+    Spawn,
+    StartProbe,
+)
+from nika_supervisor.budget import backoff_delay
+from nika_supervisor.clock import FakeClock
+from nika_supervisor.config import HealthConfig, RestartConfig
+from nika_supervisor.events import (
+    Boot,
+    ChildExited,
+    Diagnosed,
+    Event,
+    GpuReport,
+    GroupGone,
+    LiveProbe,
     PreflightResult,
     ReadyProbe,
     RestartRequested,
-    Severity,
-    SignalGroup,
-    Spawn,
     Spawned,
-    StartProbe,
-    State,
     StopRequested,
     Tick,
-    backoff_delay,
 )
-from nika_supervisor.states import Phase
+from nika_supervisor.exitcodes import ExitCode
+from nika_supervisor.failures import Failure, Severity
+from nika_supervisor.lifecycle import State
+from nika_supervisor.policy import Policy
+from nika_supervisor.states import ALLOWED, IllegalMove, Phase, check_move
 
 HEALTH = HealthConfig(interval=5.0, timeout=10.0, failure_threshold=3, startup_timeout=60.0)
 RESTART = RestartConfig(backoff_initial=5.0, backoff_max=40.0, max_restarts=3, window=600.0,
                         stop_timeout=30.0, healthy_after=100.0)
+TERM, KILL = signal.SIGTERM, signal.SIGKILL
 
 
 class Run:
-    """A policy, a state and a clock, with the actions of every step kept."""
+    """A policy, a state and a clock, with the actions of every step kept. Diagnose actions
+    are answered at once with `diagnosis` (what the diagnoser would say), as the executor
+    does."""
 
     def __init__(self, health: HealthConfig = HEALTH, restart: RestartConfig = RESTART) -> None:
         self.policy = Policy(health, restart, jitter=lambda: 0.0)
         self.clock = FakeClock()
         self.state = State()
         self.actions: list[Action] = []
+        self.diagnosis: Failure | None = None
 
     def feed(self, ev: Event, after: float = 0.0) -> list[Action]:
         self.clock.advance(after)
         self.state, acts = self.policy.decide(self.state, ev, self.clock.now())
         self.actions += acts
+        for a in list(acts):
+            if isinstance(a, Diagnose):
+                acts += self.feed(Diagnosed(a, self.diagnosis))
         return acts
 
     def tick_until(self, t: float) -> list[Action]:
@@ -74,10 +84,14 @@ class Run:
         return acts
 
     def phases(self) -> list[tuple[str, str]]:
-        return [(str(a), str(b)) for a, b, _ in self.state.transitions]
+        return [(str(e["from"]), str(e["to"])) for e in self.events("phase.changed")]
 
     def events(self, name: str) -> list[dict[str, object]]:
         return [a.as_dict() for a in self.actions if isinstance(a, Log) and a.event == name]
+
+    @property
+    def life(self):  # noqa: ANN201 - a test shorthand
+        return self.state.life
 
     def start_ready(self, pid: int = 100) -> None:
         assert self.feed(Boot()) == [Preflight()]
@@ -116,9 +130,11 @@ def test_ready_probes_poll_at_a_quarter_second_while_loading() -> None:
     r.feed(PreflightResult())
     r.feed(Spawned(7))
     assert StartProbe("ready", 7) in r.feed(Tick())
-    assert r.policy.next_deadline(r.state) == pytest.approx(r.clock.t + 60.0)  # in flight
+    assert StartProbe("ready", 7) not in r.tick_until(r.clock.t + 1.0)  # one in flight
     r.feed(ReadyProbe(7, False), after=0.05)
-    assert r.policy.next_deadline(r.state) == pytest.approx(r.clock.t + 0.25)
+    t = r.clock.t
+    assert StartProbe("ready", 7) not in r.tick_until(t + 0.249)
+    assert StartProbe("ready", 7) in r.tick_until(t + 0.25)
 
 
 def test_stale_probe_results_for_an_old_pid_are_ignored() -> None:
@@ -137,15 +153,15 @@ def test_unrequested_exit_0_is_a_failure_and_restarts_after_backoff() -> None:
     r = Run()
     r.start_ready()
     acts = r.feed(ChildExited(100, 0, None), after=10)
-    assert SignalGroup(signal.SIGTERM) in acts
+    assert SignalGroup(100, TERM) in acts
     exited = r.events("vllm.exited")[-1]
     assert exited["requested"] is False and "code 0" in str(exited["cause"])
-    r.feed(GroupGone())
+    r.feed(GroupGone(100))
     assert r.state.phase is Phase.BACKOFF
-    assert r.state.wake_at == pytest.approx(r.clock.t + 5.0)
+    assert r.state.rec.wake_at == pytest.approx(r.clock.t + 5.0)
     acts = r.tick_until(r.clock.t + 5.0)
     assert Preflight() in acts and r.state.phase is Phase.STARTING
-    assert r.state.restarts == 1
+    assert r.life.restarts == 1
     assert r.phases() == [("starting", "loading"), ("loading", "ready"), ("ready", "stopping"),
                           ("stopping", "backoff"), ("backoff", "starting")]
 
@@ -166,20 +182,20 @@ def test_stop_escalates_to_sigkill_after_stop_timeout() -> None:
     r.start_ready()
     t0 = r.clock.t
     acts = r.feed(StopRequested())
-    assert NotifyStopping() in acts and SignalGroup(signal.SIGTERM) in acts
+    assert NotifyStopping() in acts and SignalGroup(100, TERM) in acts
     acts = r.tick_until(t0 + 29.9)
-    assert SignalGroup(signal.SIGKILL) not in acts
+    assert SignalGroup(100, KILL) not in acts
     acts = r.tick_until(t0 + 30.0)
-    assert SignalGroup(signal.SIGKILL) in acts
+    assert SignalGroup(100, KILL) in acts
     r.feed(ChildExited(100, None, signal.SIGKILL))
-    acts = r.feed(GroupGone())
+    acts = r.feed(GroupGone(100))
     assert Exit(ExitCode.OK) in acts and r.state.phase is Phase.STOPPED
 
 
 def test_exit_and_group_gone_in_either_order_complete_the_stop() -> None:
     """The waiter thread and the group poll race; both orders end the stop once."""
     exited = ChildExited(100, 0, None)
-    for order in ((exited, GroupGone()), (GroupGone(), exited)):
+    for order in ((exited, GroupGone(100)), (GroupGone(100), exited)):
         r = Run()
         r.start_ready()
         r.feed(StopRequested())
@@ -205,7 +221,7 @@ def test_hang_is_detected_after_threshold_failures_with_overlapping_probes() -> 
         while started and started[0] + HEALTH.timeout <= now:
             started.pop(0)
             acts = r.feed(LiveProbe(100, False, reason="no answer within 10s"))
-            if SignalGroup(signal.SIGTERM) in acts:
+            if SignalGroup(100, TERM) in acts:
                 detected_at = r.clock.t
                 break
         if detected_at:
@@ -225,9 +241,9 @@ def test_a_success_resets_the_failure_count() -> None:
     r.feed(LiveProbe(100, False, reason="x"))
     assert r.state.phase is Phase.UNHEALTHY
     r.feed(LiveProbe(100, True))
-    assert r.state.phase is Phase.READY and r.state.failures == 0
+    assert r.state.phase is Phase.READY and r.state.rec.failures == 0
     r.feed(LiveProbe(100, False, reason="x"))
-    assert r.state.phase is Phase.UNHEALTHY and r.state.failures == 1
+    assert r.state.phase is Phase.UNHEALTHY and r.state.rec.failures == 1
 
 
 def test_engine_dead_restarts_at_once() -> None:
@@ -235,8 +251,8 @@ def test_engine_dead_restarts_at_once() -> None:
     r = Run()
     r.start_ready()
     acts = r.feed(LiveProbe(100, False, engine_dead=True, reason="/health answered 503"))
-    assert SignalGroup(signal.SIGTERM) in acts
-    assert r.state.last_failure is not None and "engine dead" in r.state.last_failure.cause
+    assert SignalGroup(100, TERM) in acts
+    assert r.life.last_failure is not None and "engine dead" in r.life.last_failure.cause
 
 
 def test_startup_timeout_kills_and_counts_a_failed_start() -> None:
@@ -253,8 +269,8 @@ def test_startup_timeout_kills_and_counts_a_failed_start() -> None:
             if isinstance(a, StartProbe):
                 r.feed(ReadyProbe(5, False))
     assert r.clock.t - t0 == pytest.approx(60.0, abs=0.3)
-    assert SignalGroup(signal.SIGTERM) in acts
-    assert r.state.last_failure is not None and r.state.last_failure.code == "startup_timeout"
+    assert SignalGroup(5, TERM) in acts
+    assert r.life.last_failure is not None and r.life.last_failure.code == "startup_timeout"
     assert r.events("restart.scheduled")
 
 
@@ -282,7 +298,7 @@ def crash_loop(r: Run, n: int, spacing: float = 1.0) -> list[Action]:
         pid += 1
         acts += r.feed(Spawned(pid))
         acts += r.feed(ChildExited(pid, 1, None), after=spacing)
-        acts += r.feed(GroupGone())
+        acts += r.feed(GroupGone(pid))
     return acts
 
 
@@ -297,7 +313,7 @@ def test_give_up_after_max_restarts_within_window_exits_69() -> None:
     assert [e["delay_s"] for e in r.events("restart.scheduled")] == [5.0, 10.0, 20.0]
     gave_up = r.events("supervisor.gave_up")
     assert len(gave_up) == 1 and "4 failures" in str(gave_up[0]["reason"])
-    assert r.state.last_failure is not None and r.state.last_failure.cause.startswith("gave up")
+    assert r.life.last_failure is not None and r.life.last_failure.cause.startswith("gave up")
 
 
 def test_failures_outside_the_window_do_not_count() -> None:
@@ -306,7 +322,7 @@ def test_failures_outside_the_window_do_not_count() -> None:
     r.feed(Boot())
     acts = crash_loop(r, 12, spacing=10.0)
     assert Exit(ExitCode.GAVE_UP) not in acts
-    assert r.state.restarts == 12
+    assert r.life.restarts == 12
 
 
 def test_backoff_resets_only_after_a_healthy_stretch() -> None:
@@ -314,17 +330,17 @@ def test_backoff_resets_only_after_a_healthy_stretch() -> None:
     r = Run()
     r.start_ready()
     r.feed(ChildExited(100, 1, None))
-    r.feed(GroupGone())
+    r.feed(GroupGone(100))
     r.tick_until(r.clock.t + 5.0)
     r.feed(PreflightResult())
     r.feed(Spawned(101))
     r.feed(Tick())
     r.feed(ReadyProbe(101, True))
-    assert r.state.attempt == 1
+    assert r.life.attempt == 1
     r.tick_until(r.clock.t + 99.0)
-    assert r.state.attempt == 1
+    assert r.life.attempt == 1
     r.tick_until(r.clock.t + 6.0)
-    assert r.state.attempt == 0 and r.events("restart.backoff_reset")
+    assert r.life.attempt == 0 and r.events("restart.backoff_reset")
 
 
 def test_model_problem_gives_up_at_once_with_79() -> None:
@@ -334,10 +350,11 @@ def test_model_problem_gives_up_at_once_with_79() -> None:
     r.feed(PreflightResult())
     r.feed(Spawned(9))
     bad = Failure("vLLM rejected a flag", "fix vllm.args", Severity.MODEL, "bad_flag")
-    r.feed(ChildExited(9, 2, None, diagnosis=bad))
-    acts = r.feed(GroupGone())
+    r.diagnosis = bad
+    r.feed(ChildExited(9, 2, None))
+    acts = r.feed(GroupGone(9))
     assert Exit(ExitCode.MODEL_PROBLEM) in acts
-    assert r.state.restarts == 0 and r.events("supervisor.gave_up")
+    assert r.life.restarts == 0 and r.events("supervisor.gave_up")
 
 
 def test_gpu_fatal_fault_stops_vllm_and_exits_80() -> None:
@@ -346,12 +363,12 @@ def test_gpu_fatal_fault_stops_vllm_and_exits_80() -> None:
     r.start_ready()
     lost = Failure("GPU fell off the bus (Xid 79)", "GPU needs reset/reboot",
                    Severity.GPU_FATAL, "xid.79")
-    acts = r.feed(Fault(lost))
-    assert SignalGroup(signal.SIGTERM) in acts
+    acts = r.feed(GpuReport(lost))
+    assert SignalGroup(100, TERM) in acts
     r.feed(ChildExited(100, None, signal.SIGTERM))
-    acts = r.feed(GroupGone())
+    acts = r.feed(GroupGone(100))
     assert Exit(ExitCode.GPU_FATAL) in acts
-    assert r.state.last_failure == lost
+    assert r.life.last_failure == lost
 
 
 def test_gpu_fatal_during_backoff_exits_80() -> None:
@@ -359,19 +376,20 @@ def test_gpu_fatal_during_backoff_exits_80() -> None:
     r = Run()
     r.start_ready()
     r.feed(ChildExited(100, 1, None))
-    r.feed(GroupGone())
+    r.feed(GroupGone(100))
     assert r.state.phase is Phase.BACKOFF
-    acts = r.feed(Fault(Failure("driver/library version mismatch", "reboot",
+    acts = r.feed(GpuReport(Failure("driver/library version mismatch", "reboot",
                                 Severity.GPU_FATAL, "nvml.mismatch")))
     assert Exit(ExitCode.GPU_FATAL) in acts
 
 
 def test_retry_fault_restarts() -> None:
-    """A restart-class fault (application Xid, canary, stall) restarts through STOPPING."""
+    """A restart-class GPU finding (an application Xid) restarts through STOPPING."""
     r = Run()
     r.start_ready()
-    acts = r.feed(Fault(Failure("canary completion timed out", code="canary")))
-    assert SignalGroup(signal.SIGTERM) in acts and r.state.then == "backoff"
+    acts = r.feed(GpuReport(Failure("Xid 13: graphics engine exception", code="xid.13")))
+    assert SignalGroup(100, TERM) in acts and r.state.rec.then == "backoff"
+    assert [e["code"] for e in r.events("vllm.fault")] == ["xid.13"]
 
 
 def test_blocked_preflight_counts_as_a_failed_start() -> None:
@@ -397,7 +415,7 @@ def test_orphans_are_waited_for_then_reported() -> None:
     while r2.state.phase is Phase.STARTING:
         r2.feed(PreflightResult(orphans_pending=True))
         r2.tick_until(r2.clock.t + 0.1)
-    assert r2.state.last_failure is not None and r2.state.last_failure.code == "orphans"
+    assert r2.life.last_failure is not None and r2.life.last_failure.code == "orphans"
 
 
 def test_stop_during_backoff_exits_0_at_once() -> None:
@@ -405,7 +423,7 @@ def test_stop_during_backoff_exits_0_at_once() -> None:
     r = Run()
     r.start_ready()
     r.feed(ChildExited(100, 1, None))
-    r.feed(GroupGone())
+    r.feed(GroupGone(100))
     acts = r.feed(StopRequested())
     assert kinds(acts) == [NotifyStopping, Exit] and r.state.phase is Phase.STOPPED
 
@@ -416,13 +434,17 @@ def test_planned_restart_skips_backoff_and_budget() -> None:
     r.start_ready()
     r.feed(RestartRequested("configuration changed"))
     r.feed(ChildExited(100, None, signal.SIGTERM))
-    acts = r.feed(GroupGone())
+    acts = r.feed(GroupGone(100))
     assert Preflight() in acts and r.state.phase is Phase.STARTING
-    assert r.state.restarts == 0 and r.state.last_failure is None
+    assert r.life.restarts == 0 and r.life.last_failure is None
 
 
-def test_no_op_transition_is_a_bug() -> None:
-    """Entering the phase one is already in raises (llama-swap's check)."""
-    r = Run()
-    with pytest.raises(AssertionError, match="no-op transition"):
-        r.policy._goto(r.state, Phase.STARTING, 0.0, "x", [])
+def test_moves_outside_the_table_are_bugs() -> None:
+    """Every move is checked against states.ALLOWED; a no-op move (llama-swap's check) and a
+    jump that skips STOPPING are refused."""
+    with pytest.raises(IllegalMove):
+        check_move(Phase.READY, Phase.READY, "x")
+    with pytest.raises(IllegalMove):
+        check_move(Phase.READY, Phase.BACKOFF, "no stop first")
+    assert all(p not in ALLOWED[p] for p in Phase)
+    assert ALLOWED[Phase.FAILED] == ALLOWED[Phase.STOPPED] == frozenset()

@@ -1,0 +1,168 @@
+"""What happens, as the executor tells the policy: the events of `Policy.decide`.
+
+Each is a plain frozen value. The executor makes them from I/O (a signal, an exit, a probe
+result, an output line, an NVML reading) and from the results of actions it was asked to
+perform (Preflight -> PreflightResult, Spawn -> Spawned, ...). Leaf module of the core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from nika_supervisor.actions import Diagnose
+from nika_supervisor.failures import Failure
+from nika_supervisor.metrics import VllmMetrics
+from nika_supervisor.probes import Generation
+
+if TYPE_CHECKING:
+    from nika_supervisor.config import Config
+
+
+@dataclass(frozen=True, slots=True)
+class Boot:
+    gpu: bool = False  # the GPU monitor is running (gpu.sample, residency, GPU findings)
+    gpu_finding: Failure | None = None  # what starting NVML found, if anything
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed. The executor sends one at every deadline `next_deadline()` names."""
+
+
+@dataclass(frozen=True, slots=True)
+class PreflightResult:
+    orphans_pending: bool = False  # processes of an earlier vLLM were signalled and still live
+    blocked: Failure | None = None  # the start must not happen (port taken, foreign GPU holder)
+
+
+@dataclass(frozen=True, slots=True)
+class Spawned:
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnFailed:
+    failure: Failure
+
+
+@dataclass(frozen=True, slots=True)
+class ServerUp:
+    """vLLM printed that its HTTP server is up: probe for readiness now, not at the next poll."""
+
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyProbe:
+    pid: int
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LiveProbe:
+    pid: int
+    ok: bool
+    engine_dead: bool = False
+    reason: str = ""
+    probe: str = "health"
+
+
+@dataclass(frozen=True, slots=True)
+class ChildExited:
+    pid: int
+    returncode: int | None
+    signal: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnosed:
+    """The answer to a Diagnose action: what vLLM's output says (None: nothing known)."""
+
+    ask: Diagnose
+    failure: Failure | None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupGone:
+    """No process of the process group `pgid` is left."""
+
+    pgid: int
+
+
+@dataclass(frozen=True, slots=True)
+class GpuReport:
+    """A GPU finding outside a sample: NVML start, the Xid event thread."""
+
+    failure: Failure
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSampled:
+    """One GPU sampling pass: what vLLM's group holds and what the pass found."""
+
+    pid: int | None  # the vLLM group sampled (None: none was running)
+    resident_bytes: int | None  # None: unknown (NVML down or unsupported)
+    findings: tuple[Failure, ...] = ()
+    fields: Mapping[str, object] = field(default_factory=dict)  # for gpu.sample
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsRead:
+    pid: int
+    metrics: VllmMetrics | None  # None: /metrics could not be read
+
+
+@dataclass(frozen=True, slots=True)
+class Generated:
+    pid: int
+    purpose: str  # "canary" | "speed"
+    result: Generation
+    env: Mapping[str, str] = field(default_factory=dict)  # what vLLM was started with
+    args: Mapping[str, object] = field(default_factory=dict)  # vllm.args
+
+
+@dataclass(frozen=True, slots=True)
+class OutputDropped:
+    """The log pump dropped vLLM output lines (a stuck journald)."""
+
+    pid: int
+    count: int  # lines dropped since the last report
+
+
+@dataclass(frozen=True, slots=True)
+class StopRequested:
+    signal: str = "SIGTERM"
+
+
+@dataclass(frozen=True, slots=True)
+class RestartRequested:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadRequested:
+    """SIGHUP: read the configuration file again."""
+
+    signal: str = "SIGHUP"
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigLoaded:
+    cfg: Config | Any
+    launch_changed: bool  # vLLM's command line or environment differs: restart it
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigRejected:
+    errors: tuple[str, ...]
+
+
+Event = (
+    Boot | Tick | PreflightResult | Spawned | SpawnFailed | ServerUp | ReadyProbe | LiveProbe
+    | ChildExited | Diagnosed | GroupGone | GpuReport | GpuSampled | MetricsRead | Generated
+    | OutputDropped | StopRequested | RestartRequested | ReloadRequested | ConfigLoaded
+    | ConfigRejected
+)
