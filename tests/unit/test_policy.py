@@ -90,7 +90,7 @@ class Run:
         return [a.as_dict() for a in self.actions if isinstance(a, Log) and a.event == name]
 
     @property
-    def life(self):  # noqa: ANN201 - a test shorthand
+    def life(self):
         return self.state.life
 
     def start_ready(self, pid: int = 100) -> None:
