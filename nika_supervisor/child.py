@@ -66,7 +66,7 @@ class OutputPump:
         # Raw os.read + our own line splitting: fewer syscalls than readline, and "blocked in
         # read with nothing in the pipe" then really means every line was handed on (drained).
         fd = pipe.fileno()
-        put, tap, buf = self._q.put_nowait, self._tap, b""
+        buf = b""
         try:
             while True:
                 self._waiting[stream] = True
@@ -81,21 +81,10 @@ class OutputPump:
                     lines.append(buf[:MAX_LINE_BYTES])
                     buf = b""
                 for raw in lines:
-                    line = raw.decode("utf-8", "replace").rstrip("\r")
-                    if tap is not None:
-                        tap(line)
-                    try:
-                        put((stream, line))
-                    except queue.Full:
-                        with self._lock:
-                            self.dropped += 1
+                    self._hand_on(stream, raw.decode("utf-8", "replace").rstrip("\r"))
                 self._chunks += 1
-            if buf:
-                line = buf.decode("utf-8", "replace")
-                if tap is not None:
-                    tap(line)
-                with contextlib.suppress(queue.Full):
-                    put((stream, line))
+            if buf:  # a last line without a newline
+                self._hand_on(stream, buf.decode("utf-8", "replace"))
         except OSError:
             pass
         finally:
@@ -103,6 +92,17 @@ class OutputPump:
             self._closed.add(stream)
             with contextlib.suppress(OSError):
                 pipe.close()
+
+    def _hand_on(self, stream: str, line: str) -> None:
+        """To the tap (the diagnoser sees every line), then to the writer; a full queue (the
+        journal cannot keep up) drops the line and counts it."""
+        if self._tap is not None:
+            self._tap(line)
+        try:
+            self._q.put_nowait((stream, line))
+        except queue.Full:
+            with self._lock:
+                self.dropped += 1
 
     def drained(self, pipes: dict[str, IO[bytes]]) -> bool:
         """True when every stream is closed, or its reader waits on an empty pipe."""
