@@ -6,6 +6,9 @@ The YAML is composed into nodes (not loaded into dicts) so that every error can 
 
 The schema of `vllm`, `health` and `restart` is a contract (see docs/ARCHITECTURE.md):
 keys may be added, never renamed.
+
+Longer than most modules (about 520 lines) because it is the whole schema: one reader per
+section with its validation and messages, which are easier to keep consistent side by side.
 """
 
 from __future__ import annotations

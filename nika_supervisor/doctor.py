@@ -1,5 +1,8 @@
 """`nika-supervisor doctor --config PATH [--json]`: preflight checks; starts no server.
 
+Longer than most modules (about 550 lines): one function per check, each short, listed in
+the order they run so that the report and the code read the same.
+
 Each check gives ok / warn / fail, a one-line detail and, unless ok, a one-line fix. The
 exit status is 0 without a fail, 78 (CONFIG) when the configuration itself is invalid, and
 1 when any other check failed.

@@ -1,5 +1,8 @@
 """The GPU monitor: NVML life cycle, one cheap sampling pass per call, preflight, events.
 
+About 430 lines: NVML's states, re-init and the per-device readings share one lock and
+one handle table, so they stay together.
+
 States (`NvmlState`), all transitions made here:
 
     start() --init ok--> UP --NVML error--> DOWN --re-init ok--> UP   (RESTART "nvml.recovered")
