@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import pid_alive, poll_for, proc_state
+from helpers import STANDIN_PATH, pid_alive, poll_for, proc_state
 
 pytestmark = pytest.mark.process
 
@@ -59,6 +59,25 @@ def test_binds_fast_without_a_delay(run_standin) -> None:
     info = poll_for(lambda: (run.state.info() or {}).get("bound_mono"), 5, "the stand-in to bind")
     assert info - before < 0.3, f"bound {info - before:.3f}s after Popen"
     assert connectable(run.port)
+
+
+def test_the_bind_is_recorded_before_the_port_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stand-in publishes bound_mono/bound_at while its socket is bound but not yet
+    listening, so whoever can connect finds the bind recorded (listening first was a race)."""
+    monkeypatch.syspath_prepend(STANDIN_PATH)
+    import standin_http
+
+    seen: list[bool] = []
+
+    def publish(server: object) -> None:
+        seen.append(connectable(server.server_address[1]))  # type: ignore[attr-defined]
+
+    server = standin_http.open_server("127.0.0.1", 0, standin_http.Handler, publish)
+    try:
+        assert seen == [False], "the port accepted connections before the bind was published"
+        assert connectable(server.server_address[1])
+    finally:
+        server.server_close()
 
 
 def test_binds_only_after_the_bind_delay(run_standin) -> None:

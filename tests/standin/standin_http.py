@@ -9,7 +9,8 @@ import os
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from standin_common import env_flag, env_float, write_all
@@ -259,3 +260,23 @@ class Handler(BaseHTTPRequestHandler):
                              "choices": [{"index": 0, "message": {"role": "assistant",
                                                                   "content": "pong"},
                                           "finish_reason": "length"}], "usage": usage})
+
+
+# ------------------------------------------------------------------------------ binding
+
+
+def open_server(host: str, port: int, handler: type[Handler],
+                publish: Callable[[ThreadingHTTPServer], None]) -> ThreadingHTTPServer:
+    """Bind, call publish(server), and only then listen. Whoever can connect must find the
+    bind already recorded (bound_mono, bound_at): listening first raced a test that read
+    api.json as soon as the port accepted. Raises OSError when the bind fails."""
+    server = ThreadingHTTPServer((host, port), handler, bind_and_activate=False)
+    try:
+        server.server_bind()
+        publish(server)
+        server.server_activate()
+    except BaseException:
+        server.server_close()
+        raise
+    server.daemon_threads = True
+    return server

@@ -98,7 +98,7 @@ from standin_common import (
     preexisting_standins,
 )
 from standin_engine import Engine
-from standin_http import Control, Handler
+from standin_http import Control, Handler, open_server
 
 # --------------------------------------------------------------------------------- argv
 
@@ -232,20 +232,22 @@ def main(argv: list[str] | None = None, mode: str = "api_server") -> None:
     control = Control(names, args.model)
     handler = type("BoundHandler", (Handler,), {"control": control})
     host = args.host or "0.0.0.0"
+
+    def publish(_server: ThreadingHTTPServer) -> None:
+        control.bound_mono = time.monotonic()
+        record["bound_mono"] = control.bound_mono
+        record["lists_from_mono"] = control.bound_mono + control.list_delay
+        state.write_json("api.json", record)
+        state.write("bound_at", f"{control.bound_mono:.6f}\n")
+        state.write("listed_at", f"{record['lists_from_mono']:.6f}\n")
+
     try:
-        server = ThreadingHTTPServer((host, args.port), handler)
+        server = open_server(host, args.port, handler, publish)
     except OSError as e:
         log("ERROR", "launcher.py:120", f"OSError: [Errno {e.errno}] {e.strerror}",
             stream=sys.stderr)
         _exit(1, engine, False)
         return
-    server.daemon_threads = True
-    control.bound_mono = time.monotonic()
-    record["bound_mono"] = control.bound_mono
-    record["lists_from_mono"] = control.bound_mono + control.list_delay
-    state.write_json("api.json", record)
-    state.write("bound_at", f"{control.bound_mono:.6f}\n")
-    state.write("listed_at", f"{record['lists_from_mono']:.6f}\n")
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                      name="http", daemon=True).start()
     log("INFO", "entry.py:140", f"Starting vLLM server on http://{host}:{args.port}")
