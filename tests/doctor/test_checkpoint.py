@@ -10,15 +10,9 @@ from typing import Any, BinaryIO
 
 import pytest
 from crafted import QWEN3_NEXT_CONFIG, make_model, qwen3_next_tensors, write_safetensors
+from helpers.tier import TINY_MODEL, require_path
 
 from nika_supervisor import checkpoint as ckpt
-
-TINY_MODEL = Path(os.environ.get(
-    "TINY_MODEL", Path.home() / ".cache" / "nika-supervisor" / "models" / "tiny-qwen3-next"))
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def test_good_checkpoint_is_summarised(tmp_path: Path) -> None:
@@ -195,11 +189,8 @@ def test_hub_id_resolves_to_its_cached_snapshot(tmp_path: Path) -> None:
 
 def test_real_tiny_qwen3_next_checkpoint() -> None:
     """The tiny Qwen3-Next that the e2e tier serves inspects as a complete bf16 checkpoint."""
-    if not (TINY_MODEL / "model.safetensors").exists():
-        msg = f"the tiny Qwen3-Next model is not built at {TINY_MODEL}"
-        if _in_ci():
-            pytest.fail(f"CI is set and {msg}")
-        pytest.skip(msg)
+    require_path(TINY_MODEL / "model.safetensors", "the tiny Qwen3-Next model",
+                 "the real-checkpoint check", build="make tiny-model")
     info = ckpt.inspect_checkpoint(TINY_MODEL)
     assert info.architectures == ("Qwen3NextForCausalLM",)
     assert info.key_prefix == "model."

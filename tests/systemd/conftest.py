@@ -14,13 +14,13 @@ then a missing piece fails the run.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.tier import cannot_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -31,17 +31,11 @@ from systemd_harness import (
 )
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 def require_systemd_tier() -> None:
+    """Skip the case where systemd cannot run here; under CI, fail it (tests/helpers/tier.py)."""
     reason = unavailable_reason()
-    if reason is None:
-        return
-    if _in_ci():
-        pytest.fail(f"CI is set and the systemd tier cannot run: {reason}", pytrace=False)
-    pytest.skip(f"systemd tier: {reason}")
+    if reason is not None:
+        cannot_run("the systemd tier", reason)
 
 
 @pytest.fixture(scope="session", autouse=True)
