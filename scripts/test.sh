@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 .venv/bin/ruff check nika_supervisor tests bench || exit 1
 .venv/bin/mypy --no-incremental || exit 1
 
-.venv/bin/pytest -m "not gpu" -p no:cacheprovider --durations=15 "$@"
+.venv/bin/pytest -p no:cacheprovider --durations=15 "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "pytest collected no tests: that is a failure" >&2
