@@ -1,11 +1,10 @@
-"""The Diagnoser: exit rules, priorities, verdict changes, thread safety and throughput."""
+"""The Diagnoser: exit rules, priorities, verdict changes, thread safety, long logs."""
 
 from __future__ import annotations
 
 import dataclasses
 import signal
 import threading
-import time
 
 import pytest
 
@@ -172,16 +171,15 @@ def test_feed_from_many_threads_loses_nothing() -> None:
     assert d.matched() == ["port_in_use"]
 
 
-def test_throughput_of_a_serving_log() -> None:
-    """feed() keeps up with >= 200k lines/s of serving output in which 1 line in 100 passes
-    the prefilter (best of 3 runs on this shared machine): the log pump must forward 50k/s."""
+def test_a_serving_log_passes_through_without_a_match() -> None:
+    """A long serving log (1 line in 100 passes the prefilter, none is a failure) is counted
+    line by line, keeps its tail for context and matches nothing. (Its speed, lines/s, is
+    measured by bench/component_bench.py.)"""
     lines = ([INFO, ACCESS] * 49 + [ULIMIT, ACCESS]) * 1_000
-    best = 0.0
-    for _ in range(3):
-        d = Diagnoser.load()
-        t0 = time.perf_counter()
-        for line in lines:
-            d.feed(line)
-        best = max(best, len(lines) / (time.perf_counter() - t0))
-    print(f"\ndiagnoser feed: {best:,.0f} lines/s")
-    assert best >= 200_000
+    d = Diagnoser.load()
+    for line in lines:
+        d.feed(line)
+    assert d.lines_fed == len(lines)
+    assert d.matched() == []
+    assert d.recent(2) == [ULIMIT, ACCESS]
+    assert d.conclude(1, None, during_startup=False) is None  # the ulimit warning is no cause

@@ -139,25 +139,34 @@ def test_double_bit_ecc_is_polled_when_events_are_unsupported(
     assert codes(r.sample().findings) == [("restart", "ecc.double_bit")]
 
 
-def test_sampling_is_cheap(rig_factory: Callable[..., Rig]) -> None:
-    """A pass over one fake device costs well under a millisecond (median of 500)."""
+def test_a_pass_reports_what_it_cost(rig_factory: Callable[..., Rig]) -> None:
+    """Each pass carries its own duration, measured on the real clock (the injected clock
+    stands still here); bench/component_bench.py reports the figure."""
     r = rig_factory([FakeDevice(processes=[(10, GiB)])])
     r.mon.start()
-    durations = sorted(r.sample((10,)).duration_s for _ in range(500))
-    assert durations[250] < 0.001, f"median {durations[250] * 1e6:.0f} us"
+    before = time.perf_counter()
+    s = r.sample((10,))
+    assert 0 < s.duration_s <= time.perf_counter() - before
 
 
 def test_sampling_never_waits_on_the_event_thread(rig_factory: Callable[..., Rig]) -> None:
-    """While the watcher sits in a long event wait, sample() returns at once (no shared lock)."""
-    r = rig_factory([FakeDevice()], event_timeout_ms=5000)
+    """While the watcher sits in one long event wait, 50 passes of sample() complete and the
+    watcher is still in that same wait: sampling shares no lock with it."""
+    r = rig_factory([FakeDevice()], event_timeout_ms=600_000)
     r.mon.start()
     poll_for(lambda: r.fake.calls["nvmlEventSetWait_v2"], 2, "the watcher to be waiting")
-    t0 = time.perf_counter()
-    for _ in range(50):
-        r.sample()
-    assert time.perf_counter() - t0 < 0.5
+    done = threading.Event()
+
+    def sample_50() -> None:
+        for _ in range(50):
+            r.sample()
+        done.set()
+
+    threading.Thread(target=sample_50, daemon=True).start()
+    poll_for(done.is_set, 10, "50 passes of sample() while the watcher waits")
+    assert r.fake.calls["nvmlEventSetWait_v2"] == 1, "the watcher's wait ended first"
     assert r.emitted == []
-    # close() waits for the watcher; wake its 5 s wait (as an NVML timeout would) until it ends.
+    # close() waits for the watcher; wake its long wait (as an NVML timeout would) until it ends.
     closer = threading.Thread(target=r.mon.close)
     closer.start()
 

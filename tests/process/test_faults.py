@@ -204,9 +204,10 @@ def test_exit_is_detected_as_an_event_not_by_polling(ready_daemon) -> None:
     assert api is not None
     t0 = time.monotonic()
     os.kill(api, signal.SIGKILL)
+    # A deadline far below the 30 s interval; how soon (ms) is bench/supervisor_bench.py's.
     exited = d.wait_event("vllm.exited", timeout=5, pid=api)
-    took = exited.t - t0
-    assert took < 0.5, f"the exit was noticed after {took:.3f}s"
+    assert exited["requested"] is False
+    assert not d.events_named("health.failed", since=t0), "a probe found it first"
 
 
 def test_a_stopped_server_gets_sigcont_after_sigterm(ready_daemon) -> None:

@@ -14,7 +14,7 @@ LINES = 20_000
 
 def test_forwards_every_line_in_order(tmp_path: Path, start_daemon) -> None:
     """A burst of 20k lines from vLLM arrives complete and in order as vllm.output events with
-    stream=stdout, and the burst is not held up by the daemon."""
+    stream=stdout."""
     cfg = write_config(tmp_path, vllm={"env": {"STANDIN_LOG_LINES": str(LINES)}},
                        supervisor={"log_level": "info"})
     d = start_daemon(cfg)
@@ -26,10 +26,8 @@ def test_forwards_every_line_in_order(tmp_path: Path, start_daemon) -> None:
     assert numbers == list(range(1, LINES + 1)), f"{len(numbers)} lines, first gap at {gap}"
     assert all(e["stream"] == "stdout" and e["level"] == "info" for e in numbered)
     info = d.standin.info()
-    assert info is not None and info["log_lines_s"] is not None
-    # The writer finished its burst quickly: the pipe was drained as it wrote. (bench/
-    # measures throughput; this pins "not blocked for seconds".)
-    assert info["log_lines_s"] < 5.0, info["log_lines_s"]
+    assert info is not None and info["log_lines_s"] is not None  # the writer got through
+    # (Throughput, lines/s, is measured by bench/supervisor_bench.py, not asserted here.)
 
 
 def test_vllm_levels_map_to_log_levels(tmp_path: Path, start_daemon) -> None:
