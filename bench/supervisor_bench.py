@@ -149,10 +149,14 @@ FAST_RESTART = {"backoff_initial": "50ms", "backoff_max": "100ms", "max_restarts
                 "window": "1h", "stop_timeout": "5s"}
 
 
-def bench_crash_and_ready(work: Path, crashes: int) -> dict[str, Any]:
+def bench_crash_and_ready(work: Path, crashes: int, list_delay: float) -> dict[str, Any]:
+    """list_delay 0 is real vLLM: its API server starts (and prints uvicorn's "Application
+    startup complete") only after the engine has loaded the model, so the alias is listed
+    from the first request. A delay > 0 models a server that answers before it lists the
+    alias, which only the 0.25 s readiness poll catches."""
     d = Daemon(work / "crash", {"interval": "1s", "timeout": "2s", "failure_threshold": 3,
                                 "startup_timeout": "30s"}, FAST_RESTART,
-               {"STANDIN_LIST_DELAY_S": "0.3"})
+               {"STANDIN_LIST_DELAY_S": str(list_delay)})
     detect: list[float] = []
     ready_lag: list[float] = []
     try:
@@ -269,6 +273,8 @@ def machine() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--crashes", type=int, default=20)
+    ap.add_argument("--list-delay", type=float, default=0.0,
+                    help="seconds the stand-in answers before it lists the alias (0: as vLLM)")
     ap.add_argument("--hangs", type=int, default=3)
     ap.add_argument("--footprint-s", type=float, default=300)
     ap.add_argument("--log-lines", type=int, default=200_000)
@@ -277,7 +283,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="nika-bench-") as tmp:
         work = Path(tmp)
         res: dict[str, Any] = {"machine": machine()}
-        res["crash"] = bench_crash_and_ready(work, args.crashes)
+        res["crash"] = bench_crash_and_ready(work, args.crashes, args.list_delay)
         res["hang"] = bench_hang(work, args.hangs)
         res["logs"] = bench_logs(work, args.log_lines)
         res["footprint"] = bench_footprint(work, args.footprint_s, deep=False)
