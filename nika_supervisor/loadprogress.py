@@ -74,6 +74,10 @@ _LABELS = {
     "server": "API server starting",
 }
 
+# Event names (README "Logs"): the executor logs these when it feeds lines in.
+EVENT_PROGRESS = "load.progress"  # info: a new phase or shard (step, shards, elapsed_s)
+EVENT_STALLED = "load.stalled"  # error: the stall rule fired (step, stalled_s, load_stall_s)
+
 _NUM = r"(\d+(?:\.\d+)?)"
 _SHARDS = re.compile(
     r"(?:Loading (?:safetensors|pt|np_cache) checkpoint shards(?: \(eager\))?"

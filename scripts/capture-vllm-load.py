@@ -80,6 +80,20 @@ def listed(port: int, alias: str) -> bool:
     return any(m.get("id") == alias for m in data.get("data", []))
 
 
+def save_metrics(port: int, out: Path) -> None:
+    body = json.dumps({"model": "nika", "messages": [{"role": "user", "content": "Hello!"}],
+                       "max_tokens": 4, "temperature": 0}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        r.read()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        text = r.read()
+    stamp = (f"# vLLM's GET /metrics after one 4-token chat completion "
+             f"(scripts/capture-vllm-load.py, {datetime.now(UTC).date()})\n").encode()
+    out.write_bytes(stamp + text)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--python", required=True, help="the vLLM venv's python")
@@ -87,6 +101,8 @@ def main() -> int:
     ap.add_argument("--shards", type=int, default=0, help="split the weights into N files")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--metrics-out", type=Path,
+                    help="once ready, send one chat completion and save GET /metrics here")
     ap.add_argument("--arg", action="append", default=[],
                     help="an extra vLLM flag, e.g. --arg=--enforce-eager (repeatable)")
     a = ap.parse_args()
@@ -119,6 +135,8 @@ def main() -> int:
                 ready_at = time.monotonic() - start
                 break
             time.sleep(0.25)
+        if ready_at is not None and a.metrics_out is not None:
+            save_metrics(port, a.metrics_out)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
         try:
