@@ -12,23 +12,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
-
-def _ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+from helpers.tier import CACHE, cannot_run
 
 
 def promtool() -> str:
-    cache = Path(os.environ.get("NIKA_CACHE", Path.home() / ".cache" / "nika-supervisor"))
-    for candidate in (os.environ.get("PROMTOOL"), str(cache / "prometheus/usr/bin/promtool"),
+    for candidate in (os.environ.get("PROMTOOL"), str(CACHE / "prometheus/usr/bin/promtool"),
                       shutil.which("promtool")):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    msg = "promtool not found: run `make promtool` (bash scripts/promtool.sh) or set PROMTOOL"
-    if _ci():
-        pytest.fail(f"CI is set and {msg}", pytrace=False)
-    pytest.skip(msg)
+    cannot_run("promtool checks", "promtool not found: run `make promtool` "
+               "(bash scripts/promtool.sh) or set PROMTOOL")
 
 
 def run(*args: str, stdin: bytes | None = None,

@@ -18,6 +18,9 @@ PACKAGE = REPO / "nika_supervisor"
 # builds the tiny model with `$VLLM_VENV/bin/python`), never by the daemon: they come with
 # vLLM (the `vllm` extra), which depends on them.
 FROM_VLLM_EXTRA = {"torch": "demo/", "transformers": "demo/", "tokenizers": "demo/"}
+# Optional features: imported lazily by one module only, declared in their extra, and the
+# command says how to install the extra when it is missing (plot.py: `report --plot FILE.png`).
+OPTIONAL_EXTRA = {"matplotlib": ("report", "plot.py")}
 
 
 def norm(name: str) -> str:
@@ -64,6 +67,12 @@ def test_every_third_party_import_is_declared() -> None:
             outside = sorted(f for f in files if not f.startswith(FROM_VLLM_EXTRA[module]))
             if outside or "vllm" not in deps.get("vllm", set()):
                 problems.append(f"{module} (from the vLLM venv) imported by {outside}")
+            continue
+        if module in OPTIONAL_EXTRA:
+            extra, only = OPTIONAL_EXTRA[module]
+            if files != {only} or norm(module) not in deps.get(extra, set()):
+                problems.append(f"{module} (optional, extra [{extra}]) imported by "
+                                f"{sorted(files)}, declared in {deps.get(extra)}")
             continue
         names = {norm(d) for d in dists.get(module, [])}
         if not names:
