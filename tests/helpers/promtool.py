@@ -1,4 +1,5 @@
-"""Finds promtool for the tests that check exposition and alert rules with it.
+"""Finds promtool (and the Prometheus server) for the tests that check the exposition and
+the alert rules with them.
 
 Order: $PROMTOOL, then where scripts/promtool.sh unpacks Debian's package
 ($NIKA_CACHE/prometheus/usr/bin/promtool; `make promtool`), then PATH. Missing: a skip, but a
@@ -22,6 +23,16 @@ def promtool() -> str:
             return candidate
     cannot_run("promtool checks", "promtool not found: run `make promtool` "
                "(bash scripts/promtool.sh) or set PROMTOOL")
+
+
+def prometheus() -> str:
+    """The Prometheus server from the same package (scripts/promtool.sh unpacks both)."""
+    for candidate in (os.environ.get("PROMETHEUS"),
+                      str(CACHE / "prometheus/usr/bin/prometheus"), shutil.which("prometheus")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    cannot_run("a real Prometheus server", "prometheus not found: run `make promtool` "
+               "(bash scripts/promtool.sh) or set PROMETHEUS")
 
 
 def run(*args: str, stdin: bytes | None = None,
