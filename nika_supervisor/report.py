@@ -122,18 +122,20 @@ def timeline(records: Sequence[Record], since: float, until: float) -> tuple[Seg
 
 
 def _outages(segs: Sequence[Segment], records: Sequence[Record], until: float) -> list[Outage]:
-    spans: list[list[float]] = []
+    spans: list[list[float]] = []  # start, end, and where the up time before it began
+    up_from = segs[0].start if segs else 0.0
     for s in segs:
         if s.state in UP or s.state == UNKNOWN:
+            up_from = s.start
             continue
         if spans and spans[-1][1] == s.start:
             spans[-1][1] = s.end
         else:
-            spans.append([s.start, s.end])
+            spans.append([s.start, s.end, up_from])
     out = []
     died = {s.start for s in segs if s.state == DOWN}
-    for start, end in spans:
-        cause, code = _cause(records, start, end)
+    for start, end, floor in spans:
+        cause, code = _cause(records, max(start - CAUSE_SLACK_S, floor), end)
         if start in died and not any(r["kind"] == "daemon.exit" and float(r["t"]) == start
                                      for r in records) and cause == "daemon started":
             cause = "the daemon died without a record (SIGKILL, watchdog, power loss?)"
@@ -142,7 +144,9 @@ def _outages(segs: Sequence[Segment], records: Sequence[Record], until: float) -
 
 
 def _cause(records: Sequence[Record], start: float, end: float) -> tuple[str, str]:
-    window = [r for r in records if start - CAUSE_SLACK_S <= float(r["t"]) <= end]
+    """What began an outage: the first restart or give-up from `start` on, else the first
+    daemon exit/start or phase change with a reason."""
+    window = [r for r in records if start <= float(r["t"]) <= end]
     for r in window:
         if r["kind"] == "restart":
             return str(r.get("cause") or r.get("code") or "restart"), str(r.get("code") or "")
