@@ -5,15 +5,17 @@ The YAML is composed into nodes (not loaded into dicts) so that every error can 
 `ConfigError`; nothing is started from a file that has any.
 
 The schema of `vllm`, `health` and `restart` is a contract (see docs/ARCHITECTURE.md):
-keys may be added, never renamed.
+keys may be added, never renamed. `gate` is optional: absent, there is no front door and vLLM
+listens on `vllm.host:vllm.port` for clients itself.
 
-Longer than most modules (about 520 lines) because it is the whole schema: one reader per
+Longer than most modules (about 600 lines) because it is the whole schema: one reader per
 section with its validation and messages, which are easier to keep consistent side by side.
 """
 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import sys
@@ -118,6 +120,17 @@ class SupervisorConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GateConfig:
+    """The front door (nika_supervisor/gate): public addresses held open across restarts."""
+
+    listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 1107),)
+    hold_timeout: float = 30.0
+    max_held: int = 256
+    drain_timeout: float = 60.0
+    ollama: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str
     vllm: VllmConfig
@@ -125,6 +138,7 @@ class Config:
     restart: RestartConfig = field(default_factory=RestartConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    gate: GateConfig | None = None  # None: no front door
 
     def launch_key(self) -> tuple[object, ...]:
         """What a running vLLM was started from. A reload restarts vLLM only if this changes."""
@@ -499,6 +513,75 @@ def _read_supervisor(r: _Reader, node: yaml.Node | None) -> SupervisorConfig:
     )
 
 
+def _gate_listen(v: Any) -> tuple[tuple[str, int], ...]:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not v:
+        raise ValueError(f"expected an address like '127.0.0.1:1107' or a list of them, got {v!r}")
+    out: list[tuple[str, int]] = []
+    for item in v:
+        addr = _address(item)
+        if addr in out:
+            raise ValueError(f"{item!r} is listed twice")
+        out.append(addr)
+    return tuple(out)
+
+
+def _address(v: Any) -> tuple[str, int]:
+    """'127.0.0.1:1107', '[::1]:1107' or 'localhost:1107' -> (host, port); IP literals only
+    (and localhost), so that the daemon binds exactly what the file says."""
+    if not isinstance(v, str) or ":" not in v:
+        raise ValueError(f"expected HOST:PORT like '127.0.0.1:1107', got {v!r}")
+    host, _, port_s = v.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{v!r}: the host must be an IP address (or localhost)") from None
+    if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+        raise ValueError(f"{v!r}: the port must be between 1 and 65535")
+    return host, int(port_s)
+
+
+def _overlaps(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    wild = ("0.0.0.0", "::")
+    return a[1] == b[1] and (a[0] == b[0] or a[0] in wild or b[0] in wild)
+
+
+def _boolean(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {v!r}")
+    return v
+
+
+def _read_gate(r: _Reader, node: yaml.Node | None, vllm: VllmConfig,
+               sup: SupervisorConfig) -> GateConfig | None:
+    if node is None:
+        return None
+    w, d = "gate", GateConfig()
+    s = r.mapping(node, w, ("listen", "hold_timeout", "max_held", "drain_timeout", "ollama"))
+    cfg = GateConfig(
+        listen=r.get(s, "listen", w, _gate_listen, d.listen),
+        hold_timeout=r.get(s, "hold_timeout", w, _duration(), d.hold_timeout),
+        max_held=r.get(s, "max_held", w, _int_range(0), d.max_held),
+        drain_timeout=r.get(s, "drain_timeout", w, _duration(False), d.drain_timeout),
+        ollama=r.get(s, "ollama", w, _boolean, d.ollama),
+    )
+    upstream = (vllm.host if vllm.host != "localhost" else "127.0.0.1", vllm.port)
+    for addr in cfg.listen:
+        if vllm.port and _overlaps(addr, upstream):
+            r.issue(s.get("listen", node), "gate.listen",
+                    f"{addr[0]}:{addr[1]} is where vLLM listens (vllm.host:vllm.port); with the "
+                    "gate on, give vLLM an internal port (e.g. vllm.port: 11107)")
+        if sup.metrics_listen and _overlaps(addr, sup.metrics_listen):
+            r.issue(s.get("listen", node), "gate.listen",
+                    f"{addr[0]}:{addr[1]} is supervisor.metrics_listen too")
+    return cfg
+
+
 # --------------------------------------------------------------------------------------------
 # Entry points
 
@@ -520,15 +603,17 @@ def parse_config(text: str, path: str = "<string>", *, check_paths: bool = True)
         raise ConfigError([ConfigIssue(path, 1, 1, f"YAML: {e}")]) from None
     if root is None:
         raise ConfigError([ConfigIssue(path, 1, 1, "the file is empty; it needs vllm.model")])
-    top = r.mapping(root, "", ("vllm", "health", "restart", "gpu", "supervisor"))
+    top = r.mapping(root, "", ("vllm", "health", "restart", "gpu", "supervisor", "gate"))
     vllm = _read_vllm(r, top.get("vllm"))
+    supervisor = _read_supervisor(r, top.get("supervisor"))
     cfg = Config(
         path=path,
         vllm=vllm,
         health=_read_health(r, top.get("health")),
         restart=_read_restart(r, top.get("restart")),
         gpu=_read_gpu(r, top.get("gpu")),
-        supervisor=_read_supervisor(r, top.get("supervisor")),
+        supervisor=supervisor,
+        gate=_read_gate(r, top.get("gate"), vllm, supervisor) if "gate" in top else None,
     )
     if r.issues:
         raise ConfigError(sorted(r.issues, key=lambda i: (i.line, i.column)))

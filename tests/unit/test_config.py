@@ -150,7 +150,7 @@ def test_args_normalise_and_keep_order() -> None:
 def test_shipped_reference_config_parses() -> None:
     """etc/nika-vllm.yaml is valid (paths belong to the DGX Spark host, not this one)."""
     cfg = load_config(REPO / "etc" / "nika-vllm.yaml", check_paths=False)
-    assert cfg.vllm.alias == "nika" and cfg.vllm.port == 1107
+    assert cfg.vllm.alias == "nika" and cfg.vllm.port == 11107  # internal: the gate has 1107
     assert cfg.vllm.entrypoint == "api_server"
     assert dict(cfg.vllm.args)["gpu-memory-utilization"] == 0.92
     assert cfg.vllm.env_dict["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
