@@ -183,6 +183,56 @@ class Handler(BaseHTTPRequestHandler):
             return {}
         return data if isinstance(data, dict) else {}
 
+    def _stream(self, path: str, body: dict[str, Any]) -> None:
+        """SSE as vLLM sends it: one `data:` event per token, then a usage chunk when asked
+        (stream_options.include_usage), then `data: [DONE]`. Tokens are "tok0", "tok1", ...;
+        `max_tokens` of them (default 3), `standin_chunk_delay_s` apart."""
+        n = int(body.get("max_tokens") or 3)
+        gap = float(body.get("standin_chunk_delay_s") or 0)
+        chat = path == "/v1/chat/completions"
+        rid, created = f"standin-{time.monotonic_ns()}", int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(data: Any) -> bytes:
+            return chunk(b"data: " + json.dumps(data).encode() + b"\n\n")
+
+        def chunk(data: bytes) -> bytes:
+            return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+        try:
+            # chunked, as uvicorn sends it: a server that dies mid-stream leaves the last
+            # chunk missing, which a client can tell from a complete answer
+            self.protocol_version = "HTTP/1.1"
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream; charset=utf-8")
+            self.send_header("transfer-encoding", "chunked")
+            self.send_header("connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            for i in range(n):
+                piece = f"tok{i} "
+                choice: dict[str, Any] = (
+                    {"index": 0, "delta": {"role": "assistant", "content": piece}
+                     if i == 0 else {"content": piece}, "finish_reason": None} if chat
+                    else {"index": 0, "text": piece, "finish_reason": None})
+                if i == n - 1:
+                    choice["finish_reason"] = "length"
+                self.wfile.write(event({"id": rid, "object": obj, "created": created,
+                                        "model": body["model"], "choices": [choice]}))
+                self.wfile.flush()
+                if gap and i < n - 1:
+                    time.sleep(gap)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                self.wfile.write(event({"id": rid, "object": obj, "created": created,
+                                        "model": body["model"], "choices": [],
+                                        "usage": {"prompt_tokens": 1, "completion_tokens": n,
+                                                  "total_tokens": n + 1}}))
+            self.wfile.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            self.control.count("stream aborted by client")
+        self._access(200)
+
     # -- routes --------------------------------------------------------------------------
 
     def do_GET(self) -> None:
@@ -245,6 +295,12 @@ class Handler(BaseHTTPRequestHandler):
             return
         with c.lock:
             c.tokens_base += 1
+        delay = float(body.get("standin_delay_s") or 0)
+        if delay:  # a slow answer (drain tests): nothing is sent until it is done
+            time.sleep(delay)
+        if body.get("stream"):
+            self._stream(path, body)
+            return
         created, usage = int(time.time()), {"prompt_tokens": 1, "completion_tokens": 1,
                                              "total_tokens": 2}
         if path == "/v1/completions":

@@ -73,6 +73,11 @@ Runtime control (no auth), for faults a test triggers at a moment of its choosin
       {"models_delay_s": X}, {"health_delay_s": X}  change the delays
       {"exit": CODE}        exit now with CODE (as STANDIN_EXIT_CODE)
   GET /_standin/state    the control state and request counters, as JSON
+
+Completions take three extra body fields (ignored by real vLLM's clients, never sent by the
+supervisor): `"stream": true` answers in SSE chunks like vLLM (max_tokens chunks, a usage
+chunk with stream_options.include_usage, then [DONE]); `standin_chunk_delay_s` spaces the
+chunks; `standin_delay_s` delays the whole answer (a long generation, for drain tests).
 """
 
 from __future__ import annotations
