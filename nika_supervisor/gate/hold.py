@@ -191,5 +191,5 @@ class Admission:
         self._publish()
 
     def _publish(self) -> None:
-        self.stats = GateStats(draining=self.draining, **self._counts)
+        self.stats = GateStats(draining=self.draining, views=self.seq, **self._counts)
         self.on_change()

@@ -159,7 +159,7 @@ class Ollama:
             await out.write(json.dumps({"error": om.upstream_error_text(
                 500, json.dumps(chunk).encode())}).encode() + b"\n")
             return False
-        piece = om.chunk_piece(chunk, tally, chat) if isinstance(chunk, dict) else None
+        piece = om.chunk_piece(chunk, tally) if isinstance(chunk, dict) else None
         if piece:
             await out.write(om.stream_line(name, chat, piece))
         return False

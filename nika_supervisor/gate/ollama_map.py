@@ -178,7 +178,7 @@ def ollama_tool_calls(calls: object) -> list[dict[str, Any]] | None:
     return out
 
 
-def chunk_piece(chunk: dict[str, Any], tally: Tally, chat: bool) -> str | None:
+def chunk_piece(chunk: dict[str, Any], tally: Tally) -> str | None:
     """One OpenAI stream chunk: update the tally, return its text (None when it has none)."""
     tally.usage(chunk.get("usage"))
     choices = chunk.get("choices") or []
@@ -187,7 +187,7 @@ def chunk_piece(chunk: dict[str, Any], tally: Tally, chat: bool) -> str | None:
     c = choices[0]
     if c.get("finish_reason"):
         tally.done_reason = c["finish_reason"]
-    if chat:
+    if "delta" in c:  # a chat completion chunk (/api/chat, and /api/generate unless raw)
         delta = c.get("delta") or {}
         for call in delta.get("tool_calls") or []:
             slot = tally.tool_calls.setdefault(int(call.get("index", 0)),

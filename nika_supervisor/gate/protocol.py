@@ -75,6 +75,7 @@ class GateStats:
     retried: int = 0  # requests sent again after vLLM failed them before any byte
     broken_streams: int = 0  # responses cut by vLLM after bytes were sent (error event sent)
     draining: bool = False
+    views: int = 0  # upstream views received (from this gate process's start)
 
     def to_line(self) -> bytes:
         return encode({"type": "stats", **asdict(self)})
@@ -122,7 +123,7 @@ _CHECKS: dict[str, tuple[type, ...]] = {
     "model": (str,), "max_model_len": (int, type(None)), "api_key_file": (str, type(None)),
     "log_format": (str,), "log_level": (str,), "in_flight": (int,), "held": (int,),
     "served": (int,), "rejected": (int,), "retried": (int,), "broken_streams": (int,),
-    "draining": (bool,),
+    "draining": (bool,), "views": (int,),
 }
 
 

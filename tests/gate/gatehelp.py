@@ -58,6 +58,7 @@ class GateRun:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
         self.proc = GateProcess(self.cfg, emit=self.events.put, stdout=self._log)
         self.seen: list[GateEvent] = []
+        self.views = 0
 
     def start(self) -> GateRun:
         self.proc.bind()
@@ -70,9 +71,12 @@ class GateRun:
         return f"http://127.0.0.1:{self.port}"
 
     def view(self, phase: str = "ready", ready: bool | None = None, **kw: Any) -> None:
+        """Publish a view and wait until the gate has it (as the daemon never needs to)."""
         self.proc.publish(UpstreamView(phase=phase, ready=phase == "ready" if ready is None
                                        else ready, upstream=f"127.0.0.1:{self.upstream_port}",
                                        **kw))
+        self.views += 1
+        poll_for(lambda: self.proc.stats.views >= self.views, 5, f"the gate to take {phase}")
 
     def wait_for(self, kind: type, timeout: float = 10.0) -> Any:
         deadline = time.monotonic() + timeout

@@ -33,6 +33,7 @@ class Control:
         self.health_503_after = env_float("STANDIN_HEALTH_503_AFTER_S")
         self.models_delay = env_float("STANDIN_MODELS_DELAY_S", 0.0) or 0.0
         self.health_delay = env_float("STANDIN_HEALTH_DELAY_S", 0.0) or 0.0
+        self.chunk_delay = 0.0  # default spacing of streamed chunks
         self.progress_rate = env_float("STANDIN_PROGRESS_RATE", 50.0) or 0.0
         self.frozen = False
         self.dead = False
@@ -100,6 +101,8 @@ class Control:
                 self.models_delay = float(body["models_delay_s"])
             if "health_delay_s" in body:
                 self.health_delay = float(body["health_delay_s"])
+            if "chunk_delay_s" in body:
+                self.chunk_delay = float(body["chunk_delay_s"])
             if "exit" in body:
                 self.exit_request = int(body["exit"])
                 self.exit_event.set()
@@ -188,7 +191,7 @@ class Handler(BaseHTTPRequestHandler):
         (stream_options.include_usage), then `data: [DONE]`. Tokens are "tok0", "tok1", ...;
         `max_tokens` of them (default 3), `standin_chunk_delay_s` apart."""
         n = int(body.get("max_tokens") or 3)
-        gap = float(body.get("standin_chunk_delay_s") or 0)
+        gap = float(body.get("standin_chunk_delay_s") or self.control.chunk_delay)
         chat = path == "/v1/chat/completions"
         rid, created = f"standin-{time.monotonic_ns()}", int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"

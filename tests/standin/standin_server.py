@@ -71,6 +71,7 @@ Runtime control (no auth), for faults a test triggers at a moment of its choosin
       {"dead": true}        /health answers 503 and completions 500 (EngineDeadError)
       {"listed": false}     /v1/models stops listing the served names
       {"models_delay_s": X}, {"health_delay_s": X}  change the delays
+      {"chunk_delay_s": X}  space streamed chunks X apart (default 0)
       {"exit": CODE}        exit now with CODE (as STANDIN_EXIT_CODE)
   GET /_standin/state    the control state and request counters, as JSON
 
