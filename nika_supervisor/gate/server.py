@@ -169,9 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     listeners = [socket.socket(fileno=fd) for fd in args.listen_fd]
     for s in listeners:
         s.setblocking(False)
-    with contextlib.suppress(ImportError):
-        import uvloop  # type: ignore[import-not-found,unused-ignore]
+    if os.environ.get("NIKA_GATE_UVLOOP", "1") != "0":  # 0: asyncio's loop (benchmarks)
+        with contextlib.suppress(ImportError):
+            import uvloop  # type: ignore[import-not-found,unused-ignore]
 
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(GateServer(control, listeners).run())
     return 0

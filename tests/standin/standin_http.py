@@ -221,7 +221,8 @@ class Handler(BaseHTTPRequestHandler):
                 if i == n - 1:
                     choice["finish_reason"] = "length"
                 self.wfile.write(event({"id": rid, "object": obj, "created": created,
-                                        "model": body["model"], "choices": [choice]}))
+                                        "model": body["model"], "choices": [choice],
+                                        "standin_sent_mono": time.monotonic()}))
                 self.wfile.flush()
                 if gap and i < n - 1:
                     time.sleep(gap)
@@ -330,6 +331,9 @@ def open_server(host: str, port: int, handler: type[Handler],
     bind already recorded (bound_mono, bound_at): listening first raced a test that read
     api.json as soon as the port accepted. Raises OSError when the bind fails."""
     server = ThreadingHTTPServer((host, port), handler, bind_and_activate=False)
+    # socketserver's default backlog of 5 drops SYNs under 64 concurrent clients (1 s
+    # retransmits, bench/gate_bench.py); uvicorn's default is 2048
+    server.request_queue_size = 1024
     try:
         server.server_bind()
         publish(server)

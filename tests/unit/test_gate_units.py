@@ -47,7 +47,7 @@ def test_malformed_lines_are_protocol_errors(line: bytes, message: str) -> None:
 
 def test_wrong_field_types_are_refused() -> None:
     """A view whose fields have the wrong types (or miss one) is refused, not half-applied."""
-    with pytest.raises(ProtocolError, match="view.ready: unexpected 'yes'"):
+    with pytest.raises(ProtocolError, match=r"view\.ready: unexpected 'yes'"):
         view_from(decode(b'{"type":"view","phase":"ready","ready":"yes","upstream":"a:1"}'))
     with pytest.raises(ProtocolError, match="upstream"):
         view_from(decode(b'{"type":"view","phase":"ready","ready":true}'))
