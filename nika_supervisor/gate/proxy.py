@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 
 from nika_supervisor.gate.hold import Admission, Rejection, ollama_error, openai_error
 from nika_supervisor.log import get_logger
@@ -58,12 +57,9 @@ def new_session() -> aiohttp.ClientSession:
                                  skip_auto_headers=("User-Agent", "Accept-Encoding"))
 
 
-def forward_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in headers.items():
-        if k.lower() not in HOP_BY_HOP:
-            out.add(k, v)
-    return out
+def forward_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The client's headers minus hop-by-hop ones; repeated headers stay repeated."""
+    return [(k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP]
 
 
 def reject_response(rej: Rejection, hold_timeout: float, ollama: bool) -> web.Response:
@@ -86,8 +82,8 @@ async def passthrough(request: web.Request, up: Upstream) -> web.StreamResponse:
 
 @contextlib.asynccontextmanager
 async def send(up: Upstream, method: str, path_qs: str, path: str,
-               headers: Mapping[str, str], body: bytes | None) -> AsyncIterator[
-                   aiohttp.ClientResponse]:
+               headers: Mapping[str, str] | list[tuple[str, str]],
+               body: bytes | None) -> AsyncIterator[aiohttp.ClientResponse]:
     """Hold until admitted, send, retry once what vLLM failed before answering; yield the
     response once its headers are in (counted in flight until the body is done), or raise
     RejectedError."""

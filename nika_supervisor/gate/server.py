@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -169,10 +168,5 @@ def main(argv: list[str] | None = None) -> int:
     listeners = [socket.socket(fileno=fd) for fd in args.listen_fd]
     for s in listeners:
         s.setblocking(False)
-    if os.environ.get("NIKA_GATE_UVLOOP", "1") != "0":  # 0: asyncio's loop (benchmarks)
-        with contextlib.suppress(ImportError):
-            import uvloop  # type: ignore[import-not-found,unused-ignore]
-
-            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(GateServer(control, listeners).run())
     return 0

