@@ -278,34 +278,22 @@ class SnapshotCollector(Collector):
 # ------------------------------------------------------------------------------ the server
 
 
-class MetricsServer:
-    """`GET /metrics` on `listen` (host, port), on threads of its own."""
+class Exposition:
+    """The latest snapshot and how to render it: what `/metrics` answers, wherever it is served
+    (MetricsServer here, or the gate's own `/metrics`; render() may wait up to
+    VLLM_SCRAPE_TIMEOUT_S on vLLM, so an event loop should call it in a thread)."""
 
-    def __init__(self, listen: tuple[str, int], vllm_metrics_url: str | None = None,
+    def __init__(self, vllm_metrics_url: str | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
         self._snapshot = Snapshot()
         self._lock = threading.Lock()
         self.vllm_metrics_url = vllm_metrics_url
-        self._headers = dict(headers or {})  # e.g. the API key for vLLM's /metrics
+        self._headers = dict(headers or {})
         self._vllm_up = 0.0
+        # The gate's figures, read at each scrape (they change with every request).
+        self.gate: Callable[[], GateReading] | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(self.snapshot, self._extra))
-        host, port = listen
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        server_cls = type("Server", (http.server.ThreadingHTTPServer,),
-                          {"address_family": family, "daemon_threads": True})
-        self._httpd = server_cls((host, port), self._handler())
-        self.port = int(self._httpd.server_address[1])
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http",
-                                        daemon=True)
-
-    def start(self) -> MetricsServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
 
     def update(self, snapshot: Snapshot) -> None:
         with self._lock:
@@ -313,7 +301,8 @@ class MetricsServer:
 
     def snapshot(self) -> Snapshot:
         with self._lock:
-            return self._snapshot
+            snap = self._snapshot
+        return snap if self.gate is None else replace(snap, gate=self.gate())
 
     def _extra(self) -> Iterable[Metric]:
         if self.vllm_metrics_url is not None:
@@ -340,6 +329,34 @@ class MetricsServer:
         lines = [ln for ln in body.splitlines()
                  if not _OURS.match(ln) and ln.strip() != b"# EOF"]
         return b"\n".join(lines) + b"\n" if lines else b""
+
+
+class MetricsServer:
+    """`GET /metrics` on `listen` (host, port), on threads of its own."""
+
+    def __init__(self, listen: tuple[str, int], vllm_metrics_url: str | None = None,
+                 headers: Mapping[str, str] | None = None,
+                 exposition: Exposition | None = None) -> None:
+        self.exposition = exposition or Exposition(vllm_metrics_url, headers)
+        self.update = self.exposition.update
+        self.snapshot = self.exposition.snapshot
+        self.render = self.exposition.render
+        host, port = listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_cls = type("Server", (http.server.ThreadingHTTPServer,),
+                          {"address_family": family, "daemon_threads": True})
+        self._httpd = server_cls((host, port), self._handler())
+        self.port = int(self._httpd.server_address[1])
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http",
+                                        daemon=True)
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
 
     def _handler(self) -> type[http.server.BaseHTTPRequestHandler]:
         server = self

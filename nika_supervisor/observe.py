@@ -7,6 +7,8 @@ The executor hands it what it already has, and asks it three things:
     extra = obs.on_event(name, fields, now)        # before logging each event: fields to add
     obs.on_output(line, now)                       # every vLLM output line (the pump's tap)
     obs.on_probe(kind, ok, seconds)                # each probe result, with its latency
+    obs.set_gate(lambda: GateReading(...))         # the gate, when on; its /metrics serves
+    obs.exposition.render()                        # ... this (in a thread: it may wait 2 s)
     stall = obs.tick(now)                          # every loop pass: a Stall -> a fault
     obs.loading_status(now)                        # STATUS text while loading
     obs.close(exit_code, reason)                   # at daemon exit
@@ -93,6 +95,12 @@ class Observer:
         self.history = history or History(default_state_dir(cfg.supervisor.state_dir),
                                           wall=wall)
         self.server: ex.MetricsServer | None = None
+        v = cfg.vllm
+        host = "127.0.0.1" if v.host in ("0.0.0.0", "::", "") else v.host
+        host = f"[{host}]" if ":" in host else host
+        # What /metrics answers: served by `server` (supervisor.metrics_listen) and/or by the
+        # gate's own /metrics (gate code calls `exposition.render()` in a thread).
+        self.exposition = ex.Exposition(f"http://{host}:{v.port}/metrics")
         self.vllm_version = vllm_version
         self._lock = threading.Lock()
         self._c = _Counts()
@@ -126,12 +134,8 @@ class Observer:
                      last_cause=self._budget.last_cause, detail=self._budget.describe())
         listen = self.cfg.supervisor.metrics_listen
         if listen is not None:
-            v = self.cfg.vllm
-            host = "127.0.0.1" if v.host in ("0.0.0.0", "::", "") else v.host
-            host = f"[{host}]" if ":" in host else host
             try:
-                self.server = ex.MetricsServer(
-                    listen, vllm_metrics_url=f"http://{host}:{v.port}/metrics").start()
+                self.server = ex.MetricsServer(listen, exposition=self.exposition).start()
                 self.log(ex.EVENT_LISTENING, "info", host=listen[0], port=self.server.port)
             except OSError as e:
                 self.log(ex.EVENT_FAILED, "error", host=listen[0], port=listen[1],
@@ -258,6 +262,10 @@ class Observer:
         self._publish(now)
         return None
 
+    def set_gate(self, source: Callable[[], ex.GateReading] | None) -> None:
+        """The gate's figures (issue 10), read at every scrape; None when the gate is off."""
+        self.exposition.gate = source
+
     def loading_status(self, now: float) -> str | None:
         """`loading: shards 9/20 (45%), 3m12s elapsed; last load took 8m40s`, while loading."""
         with self._lock:
@@ -321,8 +329,7 @@ class Observer:
             vllm_version=self.vllm_version)
 
     def _publish(self, now: float | None = None) -> None:
-        if self.server is not None:
-            self.server.update(self.snapshot(now))
+        self.exposition.update(self.snapshot(now))
 
 
 def _num(v: object) -> float | None:

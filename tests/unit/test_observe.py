@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_loadprogress import replay
 
 from nika_supervisor.config import parse_config
+from nika_supervisor.exposition import GateReading
 from nika_supervisor.history import History, read_history
 from nika_supervisor.observe import Observer
 
@@ -109,7 +110,12 @@ def test_a_daemon_life_in_metrics_and_history(tmp_path: Path) -> None:
     obs.on_event("gpu.sample", {"gpu0_name": "NVIDIA GB10", "gpu0_temp_c": 52,
                                 "gpu0_mem_used_gib": 71.5, "gpu0_mem_total_gib": 119.6,
                                 "vllm_resident_gib": 68.0}, 61.0)
+    obs.set_gate(lambda: GateReading(requests_by_code={"200": 3}, held=1, in_flight=2))
     v = scrape(obs)
+    assert one(v, "nika_gate_requests_total", code="200") == 3
+    assert one(v, "nika_gate_held_requests") == 1
+    gate_text = obs.exposition.render().decode()  # what the gate's own /metrics would serve
+    assert "nika_gate_requests_in_flight 2.0" in gate_text and "nika_ready 1.0" in gate_text
     assert one(v, "nika_ready") == 1 and one(v, "nika_ready_since_timestamp_seconds") == wall.t
     assert one(v, "nika_load_last_seconds") == 52.0
     assert one(v, "nika_load_duration_seconds_count") == 1
