@@ -36,6 +36,7 @@ Kinds (the lead's executor records them; `report` and `boot_budget` read them):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import threading
@@ -145,6 +146,12 @@ def read_history(state_dir: str) -> list[Record]:
 # ------------------------------------------------------------------------ the restart budget
 
 
+def launch_fingerprint(vllm: object) -> str:
+    """A stable id of what runs (the `vllm:` section; the key file by name only): the same
+    across processes, unlike hash()."""
+    return hashlib.sha256(repr(vllm).encode()).hexdigest()[:16]
+
+
 def backoff_delay(cfg: RestartConfig, attempt: int, jitter: float) -> float:
     """The policy's backoff (policy.backoff_delay; a test keeps the two equal): capped
     exponential, with up to 20 % taken off by jitter in [0, 1)."""
@@ -191,7 +198,7 @@ _BUDGET_GIVE_UP = 69
 
 
 def boot_budget(records: Iterable[Record], now_wall: float, cfg: RestartConfig,
-                jitter: float = 0.5) -> BootBudget:
+                jitter: float = 0.5, launch: str | None = None) -> BootBudget:
     """The restart budget and backoff a starting daemon inherits.
 
     - Every `restart` record, and every give-up for a spent budget (code 69, which systemd
@@ -200,6 +207,9 @@ def boot_budget(records: Iterable[Record], now_wall: float, cfg: RestartConfig,
       `backoff_reset` record, or ready for `restart.healthy_after` (seen from a phase change
       or heartbeat while ready) starts it over.
     - A stop on request (`daemon.exit` code 0) ends a crash loop: nothing is carried past it.
+    - So does a new launch configuration: with `launch` given (`launch_fingerprint`), a
+      history whose last `daemon.start` ran another `vllm:` section carries nothing (the
+      operator changed what runs; the old crash loop says nothing about it).
     - The first start waits the backoff owed for the carried exponent, minus the time that
       has passed since the last failure (systemd's RestartSec counts as waiting).
 
@@ -219,6 +229,11 @@ def boot_budget(records: Iterable[Record], now_wall: float, cfg: RestartConfig,
         if ready_since is not None and t - ready_since >= cfg.healthy_after:
             attempt = 0
 
+    records = list(records)
+    if launch is not None:
+        starts = [r for r in records if r["kind"] == "daemon.start"]
+        if starts and starts[-1].get("launch") not in (None, launch):
+            return BootBudget()
     for r in records:
         t, kind = float(r["t"]), r["kind"]
         if t > now_wall:

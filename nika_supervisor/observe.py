@@ -42,6 +42,7 @@ from nika_supervisor.history import (
     History,
     boot_budget,
     default_state_dir,
+    launch_fingerprint,
 )
 from nika_supervisor.loadprogress import (
     EVENT_PROGRESS,
@@ -120,13 +121,14 @@ class Observer:
         """Read the budget back from the history, record this start, listen for scrapes."""
         wall = self.wall()
         records = self.history.read()
-        self._budget = boot_budget(records, wall, self.cfg.restart)
+        launch = launch_fingerprint(self.cfg.vllm)
+        self._budget = boot_budget(records, wall, self.cfg.restart, launch=launch)
         self._window = [wall - a for a in self._budget.restart_ages]
         self._c.give_ups = sum(1 for r in records if r["kind"] == "give_up")
         last = next((r for r in reversed(records) if r["kind"] == "give_up"), None)
         if last is not None:
             self._c.last_give_up = (int(last.get("code", 0)), float(last["t"]))
-        self._record("daemon.start", pid=os.getpid(), config=self.cfg.path)
+        self._record("daemon.start", pid=os.getpid(), config=self.cfg.path, launch=launch)
         if self._budget.carried:
             self.log(EVENT_BUDGET, "warning" if self._budget.delay_s else "info",
                      restarts_in_window=len(self._budget.restart_ages),

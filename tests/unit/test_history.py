@@ -176,6 +176,22 @@ def test_a_stop_on_request_ends_the_crash_loop() -> None:
     assert boot_budget(recs, T0 + 3, CFG) == BootBudget()
 
 
+def test_a_new_launch_config_starts_afresh() -> None:
+    """The operator changed the vllm: section after a give-up: the old loop is not carried;
+    the same section (or an old history without fingerprints) carries it."""
+    from nika_supervisor.config import VllmConfig
+    from nika_supervisor.history import launch_fingerprint
+
+    a, b = launch_fingerprint(VllmConfig(model="/m")), launch_fingerprint(VllmConfig(model="/n"))
+    assert a == launch_fingerprint(VllmConfig(model="/m")) and a != b
+    recs = [rec(0, "daemon.start", launch=a), rec(1, "restart"), rec(2, "restart"),
+            rec(3, "give_up", code=69), rec(4, "daemon.exit", code=69)]
+    assert boot_budget(recs, T0 + 5, CFG, launch=b) == BootBudget()
+    assert len(boot_budget(recs, T0 + 5, CFG, launch=a).restart_ages) == 3
+    assert len(boot_budget([r for r in recs if r["kind"] != "daemon.start"], T0 + 5, CFG,
+                           launch=b).restart_ages) == 3
+
+
 def test_a_clock_that_went_back_is_not_a_future() -> None:
     """Records stamped after `now` (the wall clock was set back) count as just now."""
     b = boot_budget([rec(100, "restart", code="exit")], T0 + 50, CFG, jitter=0.0)
