@@ -18,6 +18,7 @@ import difflib
 import ipaddress
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -167,9 +168,10 @@ _MISSING = object()
 class _Reader:
     """Walks composed YAML nodes, collecting issues with their marks instead of raising."""
 
-    def __init__(self, path: str, check_paths: bool) -> None:
+    def __init__(self, path: str, check_paths: bool, search_path: str) -> None:
         self.path = path
         self.check_paths = check_paths
+        self.search_path = search_path  # where a bare vllm.python is looked up
         self.issues: list[ConfigIssue] = []
         self._constructor = yaml.constructor.SafeConstructor()
 
@@ -339,8 +341,8 @@ def _read_vllm(r: _Reader, node: yaml.Node | None) -> VllmConfig:
         r.issue(None, w, "required section is missing (it needs at least vllm.model)")
     model = r.get(s, "model", w, _string, parent=node)
     python = r.get(s, "python", w, _string, sys.executable)
-    if r.check_paths and "python" in s and python and not os.access(python, os.X_OK):
-        r.issue(s["python"], "vllm.python", f"{python} does not exist or is not executable")
+    if r.check_paths and "python" in s and python:
+        python = _resolve_python(r, s["python"], python)
     api_key_file = r.get(s, "api_key_file", w, _optional_string, None)
     if api_key_file and r.check_paths:
         _check_key_file(r, s["api_key_file"], api_key_file)
@@ -359,6 +361,22 @@ def _read_vllm(r: _Reader, node: yaml.Node | None) -> VllmConfig:
         args=_read_args(r, s.get("args")),
         env=_read_env(r, s.get("env")),
     )
+
+
+def _resolve_python(r: _Reader, node: yaml.Node, python: str) -> str:
+    """vllm.python as it will be executed. A bare command name (no '/') is looked up on PATH,
+    as systemd resolves a bare ExecStart= name, and the absolute path found is what runs; a
+    path must name an executable file."""
+    if "/" not in python:
+        found = shutil.which(python, path=r.search_path)
+        if found is None:
+            r.issue(node, "vllm.python", f"{python} was not found on PATH ({r.search_path}); "
+                    "give the interpreter's absolute path")
+            return python
+        return os.path.abspath(found)
+    if not os.access(python, os.X_OK):
+        r.issue(node, "vllm.python", f"{python} does not exist or is not executable")
+    return python
 
 
 def _check_key_file(r: _Reader, node: yaml.Node, path: str) -> None:
@@ -586,13 +604,18 @@ def _read_gate(r: _Reader, node: yaml.Node | None, vllm: VllmConfig,
 # Entry points
 
 
-def parse_config(text: str, path: str = "<string>", *, check_paths: bool = True) -> Config:
+def parse_config(text: str, path: str = "<string>", *, check_paths: bool = True,
+                 search_path: str | None = None) -> Config:
     """Parse YAML text into a Config, or raise ConfigError listing every issue.
 
     check_paths=False skips the filesystem checks (interpreter, key file, cuda_home), for
-    validating a file meant for another host.
+    validating a file meant for another host; a bare vllm.python then stays as written.
+    search_path: where a bare vllm.python is looked up (default: this process's PATH, or
+    os.defpath without one).
     """
-    r = _Reader(path, check_paths)
+    if search_path is None:
+        search_path = os.environ.get("PATH", os.defpath)
+    r = _Reader(path, check_paths, search_path)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:

@@ -46,6 +46,27 @@ def test_check_reports_each_error_class_with_its_position(case: str, tmp_path: P
     assert r.stdout == ""
 
 
+def test_bare_python_name_on_path_or_a_78_naming_the_path(tmp_path: Path) -> None:
+    """`check` accepts vllm.python: python3 when PATH has one, and `print-command` shows the
+    absolute path it found; with a PATH that has none, exit 78 at file:line:col, naming it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    cfg = write_config(tmp_path, vllm={"python": "python3"})
+    ok = run_cli(["check", "--config", str(cfg)], env={"PATH": str(bin_dir)})
+    assert ok.returncode == 0, ok.stderr
+    cmd = run_cli(["print-command", "--config", str(cfg)], env={"PATH": str(bin_dir)})
+    assert cmd.returncode == 0, cmd.stderr
+    assert str(bin_dir / "python3") in cmd.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = run_cli(["check", "--config", str(cfg)], env={"PATH": str(empty)})
+    assert bad.returncode == 78, bad.stderr
+    line = next(i for i, t in enumerate(cfg.read_text().splitlines(), 1) if "python: python3" in t)
+    assert bad.stderr.startswith(f"{cfg}:{line}:"), bad.stderr
+    assert f"vllm.python: python3 was not found on PATH ({empty})" in bad.stderr
+
+
 def test_check_reports_every_error_not_just_the_first(tmp_path: Path) -> None:
     """All errors of a file come at once, in file order."""
     path = tmp_path / "bad.yaml"

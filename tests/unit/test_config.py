@@ -96,6 +96,48 @@ def test_missing_api_key_file_and_interpreter(tmp_path: Path) -> None:
         f"f.yaml:3:17: vllm.api_key_file: {tmp_path}/k is empty"]
 
 
+def fake_interpreter(directory: Path, name: str = "python3", mode: int = 0o755) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    exe = directory / name
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(mode)
+    return exe
+
+
+def test_bare_python_name_is_resolved_on_path(tmp_path: Path) -> None:
+    """vllm.python: python3 is looked up on PATH (first match wins, a non-executable file is
+    passed over, as execvp does) and the absolute path found is what runs."""
+    fake_interpreter(tmp_path / "a", mode=0o644)
+    found = fake_interpreter(tmp_path / "b")
+    fake_interpreter(tmp_path / "c")
+    search = f"{tmp_path}/a:{tmp_path}/b:{tmp_path}/c"
+    cfg = parse_config("vllm:\n  model: m\n  python: python3\n", "f.yaml",
+                       search_path=search)
+    assert cfg.vllm.python == str(found)
+
+
+def test_bare_python_name_uses_this_process_path_by_default(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without search_path, the daemon's own PATH is searched."""
+    found = fake_interpreter(tmp_path / "bin", "my-python")
+    monkeypatch.setenv("PATH", f"{tmp_path}/bin")
+    cfg = parse_config("vllm:\n  model: m\n  python: my-python\n", "f.yaml")
+    assert cfg.vllm.python == str(found)
+
+
+def test_bare_python_name_not_on_path_names_the_path_searched(tmp_path: Path) -> None:
+    """A bare name found nowhere is an error at its file:line:col naming the PATH searched."""
+    fake_interpreter(tmp_path / "a", "python3", mode=0o644)
+    search = f"{tmp_path}/a:{tmp_path}/none"
+    assert errors("vllm:\n  model: m\n  python: python3\n", search_path=search) == [
+        f"f.yaml:3:11: vllm.python: python3 was not found on PATH ({search}); give the "
+        "interpreter's absolute path"]
+    # Checking a file meant for another host leaves the name as written.
+    cfg = parse_config("vllm:\n  model: m\n  python: python3\n", "f.yaml",
+                       check_paths=False, search_path=search)
+    assert cfg.vllm.python == "python3"
+
+
 def test_reserved_args_and_env_are_refused() -> None:
     """Flags with first-class keys, and the supervisor's own or secret env, are refused."""
     assert errors("""
