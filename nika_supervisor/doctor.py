@@ -38,6 +38,7 @@ from nika_supervisor.config import Config, load_config
 from nika_supervisor.durations import parse_size
 from nika_supervisor.errors import ConfigError
 from nika_supervisor.exitcodes import ExitCode
+from nika_supervisor.meminfo import read_meminfo
 
 GiB = 1024**3
 # vLLM 0.32's default --gpu-memory-utilization (vllm/config/cache.py: Field(default=0.92));
@@ -385,21 +386,6 @@ def check_gpu(f: _Facts, world: World) -> list[Check]:
                          "they take memory that vLLM's gpu-memory-utilization counts on"))
     else:
         out.append(Check("gpu_holders", Status.OK, "no stale or foreign GPU processes"))
-    return out
-
-
-def read_meminfo(path: str) -> dict[str, int]:
-    """The /proc/meminfo fields, in bytes."""
-    out: dict[str, int] = {}
-    try:
-        with open(path, encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                key, _, rest = line.partition(":")
-                parts = rest.split()
-                if parts and parts[0].isdigit():
-                    out[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
-    except OSError:
-        pass
     return out
 
 

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nika_supervisor.budget import backoff_delay  # the policy's own formula, not a copy
 from nika_supervisor.config import RestartConfig
 from nika_supervisor.durations import format_duration
 
@@ -150,13 +151,6 @@ def launch_fingerprint(vllm: object) -> str:
     """A stable id of what runs (the `vllm:` section; the key file by name only): the same
     across processes, unlike hash()."""
     return hashlib.sha256(repr(vllm).encode()).hexdigest()[:16]
-
-
-def backoff_delay(cfg: RestartConfig, attempt: int, jitter: float) -> float:
-    """The policy's backoff (policy.backoff_delay; a test keeps the two equal): capped
-    exponential, with up to 20 % taken off by jitter in [0, 1)."""
-    base = min(cfg.backoff_max, cfg.backoff_initial * (2.0 ** min(attempt, 32)))
-    return base * (1.0 - 0.2 * jitter)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,8 @@ from nika_supervisor.gpu import nvml as n
 from nika_supervisor.gpu.classes import FailureClass, GpuFinding, condition, nvml_fatal_finding
 from nika_supervisor.gpu.devices import uuid_resolver, watched_devices
 from nika_supervisor.gpu.events import EventWatcher
-from nika_supervisor.gpu.sample import DeviceReading, GpuSample, read_meminfo
+from nika_supervisor.gpu.sample import DeviceReading, GpuSample
+from nika_supervisor.meminfo import read_meminfo, used_and_total
 
 # Clock-event reasons worth a warning. SW power cap is left out on purpose: a busy GPU sits
 # at its power limit as a matter of course (NVML: "SW Power Scaling algorithm is reducing the
@@ -267,7 +268,7 @@ class GpuMonitor:
             mem = self._opt(i, "memory", nv.memory, h)
             unified = mem is None and "memory" in self._unsupported[i]
             if unified:
-                mem = read_meminfo(self.meminfo_path)
+                mem = used_and_total(read_meminfo(self.meminfo_path))
             corrected = self._opt(i, "ecc", lambda x: nv.ecc_volatile(x, corrected=True), h)
             uncorrected = (self._opt(i, "ecc", lambda x: nv.ecc_volatile(x, corrected=False), h)
                            if corrected is not None else None)

@@ -88,26 +88,3 @@ def _device_text(d: DeviceReading) -> str:
 
 def _gib(b: int | None) -> float | None:
     return None if b is None else round(b / GiB, 2)
-
-
-def read_meminfo(path: str = "/proc/meminfo") -> tuple[int, int] | None:
-    """(used, total) bytes of system memory, used = MemTotal - MemAvailable.
-
-    The unified-memory figure for GB10, where NVML has no device memory info: the CPU and
-    GPU share one pool, and MemAvailable is what the kernel could still hand out
-    (proc(5): "an estimate of how much memory is available for starting new applications").
-    """
-    total = avail = None
-    try:
-        with open(path, "rb") as f:
-            for line in f:
-                if line.startswith(b"MemTotal:"):
-                    total = int(line.split()[1]) * 1024
-                elif line.startswith(b"MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        return None
-    if total is None or avail is None:
-        return None
-    return total - avail, total
