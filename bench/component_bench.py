@@ -63,10 +63,11 @@ def bench_diagnoser(runs: int) -> dict[str, Any]:
 
 def bench_gpu_sample(runs: int, passes: int = 500) -> dict[str, Any]:
     """Median duration_s of `passes` sampling passes over one fake device, per run (us)."""
-    from nika_supervisor.clock import FakeClock
+    from helpers.clock import FakeClock
+    from helpers.fake_nvml import FakeDevice, FakePynvml, GiB
+
     from nika_supervisor.config import GpuConfig
     from nika_supervisor.gpu import GpuMonitor, Nvml
-    from nika_supervisor.gpu.fake import FakeDevice, FakePynvml, GiB
 
     medians = []
     for _ in range(runs):

@@ -131,7 +131,8 @@ def main() -> int:
 
     fake = None
     if args.fake:
-        from nika_supervisor.gpu.fake import FakeDevice, FakePynvml
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from helpers.fake_nvml import FakeDevice, FakePynvml  # the test double
         fake = FakePynvml([FakeDevice()])
         nv = Nvml(fake)
     else:

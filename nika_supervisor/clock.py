@@ -1,4 +1,5 @@
-"""Time as the decision core sees it: a monotonic number of seconds, passed in."""
+"""Time as the decision core sees it: a monotonic number of seconds, passed in. (The tests'
+hand-moved clock is tests/helpers/clock.py.)"""
 
 from __future__ import annotations
 
@@ -16,16 +17,3 @@ class MonotonicClock:
     def now(self) -> float:
         return time.monotonic()
 
-
-class FakeClock:
-    """A clock the tests move by hand."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.t = start
-
-    def now(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> float:
-        self.t += seconds
-        return self.t

@@ -1,7 +1,7 @@
 """A thin typed wrapper over `pynvml` (the nvidia-ml-py package): the only module that calls it.
 
 Every call goes through the module object given to `Nvml`, so the tests substitute a fake
-module with the same function names (`nika_supervisor.gpu.fake.FakePynvml`) and the real
+module with the same function names (`FakePynvml` in tests/helpers/fake_nvml.py) and the real
 translation code below still runs. Every `pynvml.NVMLError` becomes an `NvmlError` carrying
 the numeric `nvmlReturn_t`, which `classes.py` maps to a failure class.
 

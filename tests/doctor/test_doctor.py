@@ -231,7 +231,8 @@ def test_explicit_kv_cache_is_checked_against_available(rig: Rig) -> None:
 
 
 def _gpu_world(rig: Rig, devices: list[Any]) -> None:
-    from nika_supervisor.gpu.fake import FakePynvml
+    from helpers.fake_nvml import FakePynvml
+
     from nika_supervisor.gpu.nvml import Nvml
 
     rig.world.nvml = Nvml(FakePynvml(devices))
@@ -246,7 +247,7 @@ def _gpu_rig(rig: Rig, tmp_path: Path) -> dict[str, Any]:
 def test_unified_memory_above_087_warns(rig: Rig, tmp_path: Path) -> None:
     """GB10 (NVML has no memory info: unified): utilization 0.92 fits MemAvailable but
     warns, since the page cache competes above 0.87."""
-    from nika_supervisor.gpu.fake import gb10
+    from helpers.fake_nvml import gb10
 
     _gpu_world(rig, [gb10()])
     meminfo(Path(rig.world.meminfo_path), 119.7, 115)
@@ -261,7 +262,7 @@ def test_unified_memory_above_087_warns(rig: Rig, tmp_path: Path) -> None:
 
 def test_unified_memory_page_cache_warns(rig: Rig, tmp_path: Path) -> None:
     """GB10 at 0.8: fits MemAvailable, but MemFree is lower (page cache): warn, drop caches."""
-    from nika_supervisor.gpu.fake import gb10
+    from helpers.fake_nvml import gb10
 
     _gpu_world(rig, [gb10()])
     meminfo(Path(rig.world.meminfo_path), 119.7, 110, free_gib=60)
@@ -274,7 +275,7 @@ def test_unified_memory_page_cache_warns(rig: Rig, tmp_path: Path) -> None:
 
 def test_unified_memory_that_fits_is_ok(rig: Rig, tmp_path: Path) -> None:
     """GB10 at 0.8 with memory free: ok, with the KV budget left after the weights."""
-    from nika_supervisor.gpu.fake import gb10
+    from helpers.fake_nvml import gb10
 
     _gpu_world(rig, [gb10()])
     meminfo(Path(rig.world.meminfo_path), 119.7, 115)
@@ -285,7 +286,7 @@ def test_unified_memory_that_fits_is_ok(rig: Rig, tmp_path: Path) -> None:
 
 def test_discrete_gpu_too_small_for_the_weights_fails(rig: Rig, tmp_path: Path) -> None:
     """An 80 GiB GPU at 0.9 with 100 GiB of weights (header-declared, sparse file) fails."""
-    from nika_supervisor.gpu.fake import FakeDevice
+    from helpers.fake_nvml import FakeDevice
 
     _gpu_world(rig, [FakeDevice()])
     make_model(rig.model, tensors={**qwen3_next_tensors(),

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 from helpers import poll_for  # the shared deadline wait (tests/helpers/wait.py)
+from helpers.clock import FakeClock
+from helpers.fake_nvml import FakeDevice, FakePynvml
 
-from nika_supervisor.clock import FakeClock
 from nika_supervisor.config import GpuConfig
 from nika_supervisor.gpu import GpuFinding, GpuMonitor, Nvml
-from nika_supervisor.gpu.fake import FakeDevice, FakePynvml
 
 __all__ = ["Holders", "Rig", "holders", "poll_for", "rig_factory"]
 

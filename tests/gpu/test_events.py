@@ -6,10 +6,10 @@ import threading
 from collections.abc import Callable
 
 from gpuhelp import Rig, poll_for
+from helpers.fake_nvml import FakeDevice, GiB
 
 from nika_supervisor.gpu import FailureClass, NvmlState
 from nika_supervisor.gpu import nvml as n
-from nika_supervisor.gpu.fake import FakeDevice, GiB
 
 
 def serving_rig(rig_factory: Callable[..., Rig]) -> Rig:

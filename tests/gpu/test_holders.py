@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from gpuhelp import Holders, Rig
+from helpers.fake_nvml import FakeDevice, GiB
 
-from nika_supervisor.gpu.fake import FakeDevice, GiB
 from nika_supervisor.gpu.holders import scan_device_fds
 
 KEY = "NIKA_SUPERVISOR_INSTANCE"

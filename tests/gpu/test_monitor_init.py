@@ -7,12 +7,12 @@ from collections.abc import Callable
 
 import pytest
 from gpuhelp import Rig
+from helpers.fake_nvml import FakeDevice
 
 from nika_supervisor.config import GpuConfig
 from nika_supervisor.exitcodes import ExitCode
 from nika_supervisor.gpu import FailureClass, GpuMonitor, Nvml, NvmlState
 from nika_supervisor.gpu import nvml as n
-from nika_supervisor.gpu.fake import FakeDevice
 
 NO_DRIVER = not glob.glob("/dev/nvidiactl")
 UNAVAILABLE = [n.ERROR_DRIVER_NOT_LOADED, n.ERROR_LIBRARY_NOT_FOUND, n.ERROR_UNINITIALIZED,
@@ -99,7 +99,7 @@ def test_a_configured_gpu_that_is_missing_warns_when_optional(
 
 def test_cuda_visible_devices_from_vllm_env_selects_the_watched_gpu() -> None:
     """vllm.env's CUDA_VISIBLE_DEVICES (a UUID here) picks the devices to watch."""
-    from nika_supervisor.gpu.fake import FakePynvml
+    from helpers.fake_nvml import FakePynvml
     fake = FakePynvml([FakeDevice(uuid="GPU-aaaa"), FakeDevice(uuid="GPU-bbbb")])
     mon = GpuMonitor(GpuConfig(nvml="required"), {"CUDA_VISIBLE_DEVICES": "GPU-bb"},
                      nvml=Nvml(fake), base_env={"CUDA_VISIBLE_DEVICES": "0"})

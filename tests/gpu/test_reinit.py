@@ -6,10 +6,10 @@ import itertools
 from collections.abc import Callable
 
 from gpuhelp import Rig, poll_for
+from helpers.fake_nvml import FakeDevice
 
 from nika_supervisor.gpu import NvmlState
 from nika_supervisor.gpu import nvml as n
-from nika_supervisor.gpu.fake import FakeDevice
 
 
 def codes(s: object) -> list[tuple[str, str]]:

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gpuhelp import Rig, poll_for
+from helpers.fake_nvml import FakeDevice, GiB, gb10
 
 from nika_supervisor.gpu import nvml as n
-from nika_supervisor.gpu.fake import FakeDevice, GiB, gb10
 
 MEMINFO = """MemTotal:       125410476 kB
 MemFree:         1234567 kB

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 from helpers import write_config
+from helpers.fake_nvml import FakeDevice, FakePynvml
 from structlog.testing import capture_logs
 
 from nika_supervisor import procs
@@ -26,7 +27,6 @@ from nika_supervisor.config import load_config
 from nika_supervisor.exitcodes import ExitCode
 from nika_supervisor.gpu import GpuMonitor, Nvml
 from nika_supervisor.gpu import nvml as n
-from nika_supervisor.gpu.fake import FakeDevice, FakePynvml
 from nika_supervisor.notify import Notifier
 from nika_supervisor.supervisor import Supervisor
 

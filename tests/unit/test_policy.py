@@ -7,6 +7,7 @@ import signal
 from dataclasses import replace
 
 import pytest
+from helpers.clock import FakeClock
 
 from nika_supervisor.actions import (
     Action,
@@ -21,7 +22,6 @@ from nika_supervisor.actions import (
     StartProbe,
 )
 from nika_supervisor.budget import backoff_delay
-from nika_supervisor.clock import FakeClock
 from nika_supervisor.config import HealthConfig, RestartConfig
 from nika_supervisor.events import (
     Boot,

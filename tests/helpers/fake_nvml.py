@@ -1,9 +1,10 @@
 """A fake `pynvml` module: the same function names, scripted devices, injectable failures.
 
-Used by tests/gpu/ and by `bench/gpu_validate.py --fake`, and usable by the daemon's process
-tests: `GpuMonitor(cfg, ..., nvml=Nvml(FakePynvml([...])))`. It raises the real
-`pynvml.NVMLError` (nvidia-ml-py is a dependency) so the wrapper's error handling is the code
-under test, not a copy of it.
+A test double, so it lives with the tests, not in the installed package. Used by tests/gpu/,
+tests/doctor/, bench/component_bench.py and `bench/gpu_validate.py --fake`, and usable by
+the daemon's in-process tests: `GpuMonitor(cfg, ..., nvml=Nvml(FakePynvml([...])))`. It
+raises the real `pynvml.NVMLError` (nvidia-ml-py is a dependency) so the wrapper's error
+handling is the code under test, not a copy of it.
 """
 
 from __future__ import annotations
