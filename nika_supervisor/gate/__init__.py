@@ -15,7 +15,7 @@ from nika_supervisor.gate.process import (
     GateStarted,
     settings_for,
 )
-from nika_supervisor.gate.protocol import GateSettings, GateStats, UpstreamView
+from nika_supervisor.gate.protocol import GateSettings, GateStats, UpstreamView, status_text
 
 __all__ = [
     "GateBindError",
@@ -28,4 +28,5 @@ __all__ = [
     "GateStats",
     "UpstreamView",
     "settings_for",
+    "status_text",
 ]

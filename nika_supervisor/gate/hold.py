@@ -32,6 +32,9 @@ class Rejection:
     detail: str | None = None
 
     def message(self, hold_timeout: float) -> str:
+        if self.reason == "given_up" and self.phase in ("stopping", "stopped"):
+            return (f"the model is not available: the service is stopping; phase: "
+                    f"{self.phase}; retry after {self.retry_after}s")
         why = {
             "hold_timeout": f"it did not become ready within hold_timeout ({hold_timeout:g}s)",
             "max_held": "too many requests are already waiting for it (gate.max_held)",

@@ -39,7 +39,11 @@ class UpstreamView:
     cause: str | None = None  # why not ready (last failure), for the 503's message
     last_load_s: float | None = None  # how long the last load took, for Retry-After
     phase_since: float | None = None  # CLOCK_MONOTONIC seconds (one clock for all processes)
-    given_up: bool = False  # the daemon is exiting: no point in holding
+    given_up: bool = False  # no vLLM is coming (gave up, or the unit stops): 503 at once
+
+    def __post_init__(self) -> None:
+        if self.ready and self.given_up:
+            raise ProtocolError("a view cannot be both ready and given up")
 
     def to_line(self) -> bytes:
         return encode({"type": "view", **asdict(self)})
@@ -79,6 +83,13 @@ class GateStats:
 
     def to_line(self) -> bytes:
         return encode({"type": "stats", **asdict(self)})
+
+
+def status_text(stats: GateStats) -> str:
+    """The gate's part of STATUS= and `nika-supervisor status`: short, fixed wording."""
+    drain = ", draining" if stats.draining else ""
+    return (f"gate: {stats.in_flight} in flight, {stats.held} held, "
+            f"{stats.rejected} rejected (503){drain}")
 
 
 def encode(obj: dict[str, Any]) -> bytes:

@@ -295,3 +295,104 @@ def test_drain_timeout_reports_what_is_left(run_standin: Callable[..., Any],
     g.proc.resume()
     poll_for(lambda: not g.proc.stats.draining, 5, "resumed")
     assert call(g.url, "/v1/models")[0] == 200
+
+
+def test_held_client_that_leaves_is_dropped(make_gate: Callable[..., GateRun]) -> None:
+    """A held request whose client disconnects stops counting against max_held at once."""
+    import socket
+
+    g = make_gate(1, gate="hold_timeout: 30s\nmax_held: 1\n")
+    g.view("loading")
+    c = socket.create_connection(("127.0.0.1", g.port))
+    c.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    poll_for(lambda: g.proc.stats.held == 1, 5, "the request held")
+    c.close()
+    poll_for(lambda: g.proc.stats.held == 0, 5, "the held request dropped")
+    assert g.proc.stats.rejected == 0
+
+
+class Traffic:
+    """Clients sending chats in a loop, every outcome kept (status or exception)."""
+
+    def __init__(self, url: str, clients: int = 4) -> None:
+        self.url = url
+        self.outcomes: list[str] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                status, _, body = call(self.url, "/v1/chat/completions",
+                                       {**CHAT, "standin_delay_s": 0.05}, timeout=30)
+                self.outcomes.append(str(status) if status == 200 else f"{status} {body!r}")
+            except Exception as e:
+                self.outcomes.append(f"{type(e).__name__}: {e}")
+
+    def finish(self) -> list[str]:
+        self.stop.set()
+        for t in self.threads:
+            t.join(40)
+        return self.outcomes
+
+
+def test_planned_restart_under_load_costs_no_errors(run_standin: Callable[..., Any],
+                                                    make_gate: Callable[..., GateRun]) -> None:
+    """A reload with a launch change as the daemon will do it (drain, drained, SIGTERM the
+    old vLLM, start the new one, ready) under steady load: zero client errors."""
+    s = ready_standin(run_standin)
+    g = make_gate(s.port, gate="hold_timeout: 20s\ndrain_timeout: 10s\n")
+    g.view("ready", last_load_s=1.0)
+    load = Traffic(g.url)
+    poll_for(lambda: len(load.outcomes) >= 20, 20, "steady traffic")
+    g.proc.drain()
+    drained = g.wait_for(GateDrained, 15)
+    assert not drained.timed_out
+    os.killpg(s.pid, signal.SIGTERM)
+    s.proc.wait(10)
+    g.view("stopping", last_load_s=1.0, phase_since=time.monotonic())
+    s2 = ready_standin(run_standin, port=s.port)
+    g.view("ready", last_load_s=1.0)
+    n = len(load.outcomes)
+    poll_for(lambda: len(load.outcomes) >= n + 20, 20, "traffic through the new vLLM")
+    outcomes = load.finish()
+    assert [o for o in outcomes if o != "200"] == []
+    assert s2.state.state()["counts"].get("POST /v1/chat/completions", 0) >= 20
+    print(f"planned restart under load: {len(outcomes)} requests, 0 errors, drain "
+          f"{drained.waited_s:.3f}s")
+
+
+def test_stop_under_load_finishes_in_flight_and_503s_the_rest(
+        run_standin: Callable[..., Any], make_gate: Callable[..., GateRun]) -> None:
+    """A stop: in-flight requests finish during the drain; once the daemon says no vLLM is
+    coming (given_up, phase stopping), new and held requests get a clean 503, not a reset."""
+    s = ready_standin(run_standin)
+    g = make_gate(s.port, gate="hold_timeout: 20s\n")
+    g.view("ready", last_load_s=1.0)
+    slow = Background(lambda: call(g.url, "/v1/chat/completions",
+                                   {**CHAT, "standin_delay_s": 1.5}))
+    poll_for(lambda: g.proc.stats.in_flight == 1, 5, "in flight")
+    g.proc.drain()
+    held = Background(lambda: call(g.url, "/v1/chat/completions", CHAT))
+    poll_for(lambda: g.proc.stats.held == 1, 5, "a new request held")
+    g.wait_for(GateDrained, 10)
+    assert slow.join()[0] == 200
+    os.killpg(s.pid, signal.SIGTERM)
+    g.view("stopping", ready=False, given_up=True)
+    status, headers, body = held.join(5)
+    assert status == 503 and "Retry-After" in headers
+    assert "the service is stopping" in json.loads(body)["error"]["message"]
+    status, _, _ = call(g.url, "/v1/models")
+    assert status == 503
+
+
+def test_embeddings_without_an_embedding_model_are_501(
+        run_standin: Callable[..., Any], make_gate: Callable[..., GateRun]) -> None:
+    """/api/embed for a model vLLM serves no embeddings for: a clear 501, not a 404."""
+    s = ready_standin(run_standin)
+    g = make_gate(s.port)
+    g.view("ready")
+    status, _, body = call(g.url, "/api/embed", {"model": "nika", "input": "hi"})
+    assert status == 501 and "does not serve embeddings" in json.loads(body)["error"]

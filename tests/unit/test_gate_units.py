@@ -112,3 +112,17 @@ def test_stream_chunks_become_ndjson_lines() -> None:
     assert (line["done"], line["done_reason"], line["prompt_eval_count"],
             line["eval_count"]) == (True, "stop", 4, 1)
     assert line["created_at"].endswith("Z")
+
+
+def test_status_text() -> None:
+    """The gate's part of STATUS: the counters in fixed words."""
+    from nika_supervisor.gate import GateStats, status_text
+
+    assert status_text(GateStats(in_flight=3, held=1, rejected=7, draining=True)) == (
+        "gate: 3 in flight, 1 held, 7 rejected (503), draining")
+
+
+def test_a_view_cannot_be_ready_and_given_up() -> None:
+    """Contradictory views are refused where they are made."""
+    with pytest.raises(ProtocolError):
+        view(ready=True, given_up=True)
