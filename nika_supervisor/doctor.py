@@ -10,7 +10,8 @@ exit status is 0 without a fail, 78 (CONFIG) when the configuration itself is in
 Checks, in order: config, vllm (the interpreter has vLLM; one subprocess of vllm.python
 reports the version and ModelRegistry.get_supported_archs()), architecture, checkpoint,
 weights.prefix, weights.shared_expert (safetensors headers only: checkpoint.py), cuda,
-ptxas, triton_interpret, port, nvml, gpu_holders (nika_supervisor.gpu, if importable),
+ptxas, triton_interpret, port, gate_port (one per gate.listen address, with a gate), nvml,
+gpu_holders (nika_supervisor.gpu, if importable),
 memory (will vLLM's memory request fit, with the weights inside it).
 
 Everything that touches the host is reachable through `World`, so tests can point it at a
@@ -334,6 +335,25 @@ def check_port(f: _Facts) -> Check:
                  f"stop what holds it (`ss -ltnp 'sport = :{v.port}'`) or change vllm.port")
 
 
+def check_gate_ports(f: _Facts) -> list[Check]:
+    """The gate's public addresses must be free to bind (the daemon binds them at start)."""
+    if f.cfg.gate is None:
+        return []
+    out = []
+    for host, port in f.cfg.gate.listen:
+        problem = procs.port_holder(host, port)
+        if problem is None:
+            out.append(Check("gate_port", Status.OK, f"{host}:{port} (gate.listen) is free"))
+        elif f.running:
+            out.append(Check("gate_port", Status.WARN, f"{problem}: by this config's "
+                             "running service", "expected while the service runs"))
+        else:
+            out.append(Check("gate_port", Status.FAIL, f"{problem} (gate.listen)",
+                             f"stop what holds it (`ss -ltnp 'sport = :{port}'`) or change "
+                             "gate.listen"))
+    return out
+
+
 def check_gpu(f: _Facts, world: World) -> list[Check]:
     nvml_mode = f.cfg.gpu.nvml
     if nvml_mode == "off":
@@ -502,6 +522,7 @@ def run_checks(config_path: str, world: World | None = None) -> list[Check]:
     checks += check_checkpoint(f)
     checks += check_cuda(f)
     checks.append(check_port(f))
+    checks += check_gate_ports(f)
     checks += check_gpu(f, world)
     checks.append(check_memory(f, world))
     return checks

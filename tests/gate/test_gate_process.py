@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +166,20 @@ def test_reload_settings_apply_without_respawn(make_gate: Callable[..., GateRun]
     poll_for(lambda: get(g.url + "/v1/models") == 503, 5, "the shorter hold")
     assert time.monotonic() - t0 < 3.0 and g.proc.pid == pid
     assert g.proc.update(gate_config(1, g.port + 1)) is False
+
+
+def test_doctor_checks_the_gate_addresses() -> None:
+    """doctor: each gate.listen address is free (ok) or held by something else (fail)."""
+    from nika_supervisor.doctor import Status, _Facts, check_gate_ports
+
+    held = bind((("127.0.0.1", 0),))
+    port = held[0].getsockname()[1]
+    from helpers import free_port
+    free = free_port()
+    cfg = gate_config(free_port(), port)
+    [c] = check_gate_ports(_Facts(cfg, {}))
+    assert (c.name, c.status) == ("gate_port", Status.FAIL) and str(port) in c.detail
+    held[0].close()
+    [c] = check_gate_ports(_Facts(gate_config(free_port(), free), {}))
+    assert c.status is Status.OK
+    assert check_gate_ports(_Facts(replace(cfg, gate=None), {})) == []
