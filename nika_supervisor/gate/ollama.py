@@ -33,6 +33,7 @@ class Ollama:
         self.settings = settings
         self.started = om.now_rfc3339()
         self._keep_alive_logged = False
+        self._max_len: tuple[int, int | None] = (-1, None)  # (view seq, vLLM's max_model_len)
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post("/api/chat", self.chat), web.post("/api/generate", self.generate),
@@ -65,7 +66,8 @@ class Ollama:
         alias = om.resolve(body.get("model") or body.get("name"), s.aliases)
         if alias is None:
             return _error(404, f"model '{body.get('model') or body.get('name')}' not found")
-        return web.json_response(om.show(alias, s.model, self.started, s.max_model_len))
+        return web.json_response(om.show(alias, s.model, self.started,
+                                         await self._max_model_len()))
 
     # -- generation --------------------------------------------------------------------------
 
@@ -91,12 +93,13 @@ class Ollama:
         stream = body.get("stream", True) is not False
         if not (body.get("messages") if chat else body.get("prompt")):
             return await self._load(request, str(name), chat)
+        max_len = await self._max_model_len()
         try:
             if chat:
                 path, payload = "/v1/chat/completions", om.chat_payload(
-                    body, alias, s.max_model_len, stream)
+                    body, alias, max_len, stream)
             else:
-                path, payload = om.generate_payload(body, alias, s.max_model_len, stream)
+                path, payload = om.generate_payload(body, alias, max_len, stream)
         except om.BadRequest as e:
             return _error(400, str(e))
         tally = om.Tally()
@@ -208,6 +211,27 @@ class Ollama:
         return web.json_response({"model": body.get("model"), "embeddings": vectors})
 
     # -- plumbing ----------------------------------------------------------------------------
+
+    async def _max_model_len(self) -> int | None:
+        """vllm.args max-model-len, else what vLLM reports in /v1/models (asked once per
+        upstream view, and only while it is admitted)."""
+        configured = self.settings().max_model_len
+        adm = self.up.adm
+        if configured is not None or not adm.admitted():
+            return configured
+        if self._max_len[0] != adm.seq:
+            found = None
+            try:
+                async with self.up.session.get(self.up.url("/v1/models"),
+                                               headers=self._headers()) as r:
+                    data = await r.json(content_type=None)
+                for m in data.get("data", []):
+                    if m.get("id") in self.settings().aliases:
+                        found = m.get("max_model_len")
+            except (aiohttp.ClientError, ValueError, AttributeError):
+                found = None
+            self._max_len = (adm.seq, found if isinstance(found, int) else None)
+        return self._max_len[1]
 
     def _headers(self) -> dict[str, str]:
         h = {"Content-Type": "application/json"}

@@ -99,7 +99,8 @@ def _group_alive(pgid: int) -> bool:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Vllm, GateRun]]:
     work = tmp_path_factory.mktemp("gate-vllm")
     v = Vllm(work)
-    g = GateRun(work, v.port, gate="hold_timeout: 240s\n", vllm="args: {max-model-len: 256}\n")
+    # no max-model-len in the gate's config: the Ollama routes learn it from vLLM's /v1/models
+    g = GateRun(work, v.port, gate="hold_timeout: 240s\n")
     try:
         g.start()
         g.view("loading", phase_since=time.monotonic())
