@@ -164,17 +164,18 @@ class Observer:
                 to = str(f.get("to", ""))
                 self._record("phase", **{"from": f.get("from"), "to": to,
                                          "reason": f.get("reason", "")})
+                if to == "loading" and self._progress is None:
+                    self._spawned(None, now)  # vllm.spawned was not passed on: start here
+                elif to in ("starting", "stopping", "backoff", "failed", "stopped"):
+                    with self._lock:  # a load that ended without vllm.ready
+                        self._progress = None
                 if to == "ready" and self._phase != "unhealthy":
                     self._ready_since = self.wall()
                 elif to not in ("ready", "unhealthy"):
                     self._ready_since = None
                 self._phase = to
             case "vllm.spawned":
-                c.vllm_starts += 1
-                self._record("vllm.start", pid=f.get("pid"))
-                with self._lock:
-                    self._progress = LoadProgress.start(now, self._may_download())
-                    self._steps = []
+                self._spawned(f.get("pid"), now)
             case "vllm.ready":
                 with self._lock:
                     progress, self._progress = self._progress, None
@@ -275,6 +276,13 @@ class Observer:
         return None if p is None else p.status(now, self._c.last_load_s)
 
     # -- inside -----------------------------------------------------------------------------
+
+    def _spawned(self, pid: object, now: float) -> None:
+        self._c.vllm_starts += 1
+        self._record("vllm.start", pid=pid)
+        with self._lock:
+            self._progress = LoadProgress.start(now, self._may_download())
+            self._steps = []
 
     def _may_download(self) -> bool:
         v = self.cfg.vllm

@@ -79,8 +79,8 @@ def test_a_daemon_life_in_metrics_and_history(tmp_path: Path) -> None:
     assert one(v, "nika_ready") == 0 and one(v, "nika_phase", nika_phase="starting") == 1
     assert one(v, "nika_build_info", version="0.1.0", vllm_version="0.32.0") == 1
 
+    obs.on_event("vllm.spawned", {"pid": 4242}, 1.0)  # the executor logs it, then the policy:
     obs.on_event("phase.changed", {"from": "starting", "to": "loading", "reason": "spawned"}, 1)
-    obs.on_event("vllm.spawned", {"pid": 4242}, 1.0)
     lines = replay("load_4shards_eager.txt")
     shards_at = next(t for t, ln in lines if "checkpoint shards" in ln)
     for t, line in lines:
@@ -221,4 +221,24 @@ def test_hub_model_may_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
                   1.0)
     assert obs.tick(3600.0) is None
     assert "downloading?" in (obs.loading_status(3600.0) or "")
+    obs.close(0)
+
+
+def test_progress_starts_from_the_phase_change_alone(tmp_path: Path) -> None:
+    """If only the policy's events are passed on (not the executor's vllm.spawned), entering
+    LOADING starts the progress and counts the start, once."""
+    obs = Observer(config(tmp_path, metrics_listen=None), wall=Wall())
+    obs.start(0.0)
+    obs.on_event("phase.changed", {"from": "starting", "to": "loading"}, 5.0)
+    obs.on_output("(EngineCore pid=1) INFO [core.py:133] Initializing a V1 LLM engine (v0.32.0)",
+                  9.0)
+    assert obs.loading_status(12.0) == "loading: engine starting, 7s elapsed"
+    assert obs.snapshot().vllm_starts == 1
+    obs.on_event("phase.changed", {"from": "loading", "to": "stopping"}, 20.0)  # crashed
+    assert obs.loading_status(21.0) is None
+    obs.on_event("phase.changed", {"from": "stopping", "to": "starting"}, 25.0)
+    obs.on_event("vllm.spawned", {"pid": 8}, 30.0)  # both passed on, in the daemon's order
+    obs.on_event("phase.changed", {"from": "starting", "to": "loading"}, 30.0)
+    assert obs.snapshot().vllm_starts == 2
+    assert obs.loading_status(31.0) == "loading: starting vLLM, 1s elapsed"
     obs.close(0)
