@@ -104,8 +104,8 @@ class Control:
             if "chunk_delay_s" in body:
                 self.chunk_delay = float(body["chunk_delay_s"])
             if "exit" in body:
-                self.exit_request = int(body["exit"])
-                self.exit_event.set()
+                self.exit_request = int(body["exit"])  # the handler sets exit_event once
+                # its answer is written: exiting first cut the answer short (IncompleteRead)
 
     def snapshot(self, now: float) -> dict[str, Any]:
         tokens = self.tokens(now)
@@ -281,6 +281,9 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/_standin/engine":
             c.apply(body, time.monotonic())
             self._json(200, c.snapshot(time.monotonic()))
+            if c.exit_request is not None:
+                self.wfile.flush()
+                c.exit_event.set()
             return
         if not self._authorized():
             return
