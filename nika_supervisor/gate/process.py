@@ -10,7 +10,9 @@ into the backlog, so a client never sees ECONNREFUSED, only a short wait.
 
 Threads here (none of them blocks the supervisor's loop): one waiter per gate process (exit
 -> respawn), one reader (gate -> daemon lines), one writer (daemon -> gate lines, queued, so
-that a gate that stops reading can never block `publish`).
+that a gate that stops reading can never block `publish`), and a pinger: a gate whose event
+loop does not answer a ping for UNRESPONSIVE_AFTER_S is wedged, and is killed and respawned
+like a crashed one.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ BACKLOG = 4096  # capped by net.core.somaxconn; connects wait here while the gat
 RESPAWN_FIRST_S = 0.05
 RESPAWN_MAX_S = 5.0
 RESPAWN_RESET_AFTER_S = 30.0  # a gate that lived this long starts the backoff over
+PING_EVERY_S = 2.0
+UNRESPONSIVE_AFTER_S = 15.0  # no pong for this long: the gate is wedged; SIGKILL, respawn
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +189,8 @@ class GateProcess:
 
     def __init__(self, cfg: Config, *, emit: Callable[[GateEvent], None] = lambda e: None,
                  python: str | None = None, environ: Mapping[str, str] | None = None,
-                 stdout: IO[bytes] | None = None) -> None:
+                 stdout: IO[bytes] | None = None,
+                 unresponsive_after: float = UNRESPONSIVE_AFTER_S) -> None:
         assert cfg.gate is not None, "GateProcess needs a config with a gate section"
         self.cfg = cfg
         self.settings = settings_for(cfg)
@@ -205,6 +210,9 @@ class GateProcess:
         self._closing = threading.Event()
         self._backoff = RESPAWN_FIRST_S
         self.spawns = 0
+        self.unresponsive_after = unresponsive_after
+        self._ping_every = min(PING_EVERY_S, unresponsive_after / 4)
+        self._pong_at = time.monotonic()
 
     # -- the interface -------------------------------------------------------------------------
 
@@ -216,6 +224,7 @@ class GateProcess:
     def start(self) -> None:
         assert self.sockets, "bind() first"
         self._spawn()
+        threading.Thread(target=self._ping, name="gate-ping", daemon=True).start()
 
     def publish(self, view: UpstreamView) -> None:
         with self._lock:
@@ -298,6 +307,7 @@ class GateProcess:
         chan = _Channel(ours, self._message, self._malformed)
         with self._lock:
             self._proc, self._chan = proc, chan
+            self._pong_at = time.monotonic()  # a fresh gate gets the whole grace period
             chan.send(self.settings.to_line())
             if self._view is not None:
                 chan.send(self._view.to_line())
@@ -331,9 +341,30 @@ class GateProcess:
         except OSError as e:
             self.log.error("gate.spawn_failed", error=str(e))
 
+    def _ping(self) -> None:
+        n = 0
+        while not self._closing.wait(self._ping_every):
+            with self._lock:
+                proc, chan = self._proc, self._chan
+                silent = time.monotonic() - self._pong_at
+            if proc is None or chan is None or proc.poll() is not None:
+                continue
+            if silent > self.unresponsive_after:
+                self.log.error("gate.unresponsive", pid=proc.pid, silent_s=round(silent, 1))
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()  # the waiter sees the exit and respawns
+                with self._lock:
+                    self._pong_at = time.monotonic()
+                continue
+            n += 1
+            chan.send(encode({"type": "ping", "n": n}))
+
     def _message(self, msg: dict[str, object]) -> None:
         kind = msg["type"]
-        if kind == "stats":
+        if kind == "pong":
+            with self._lock:
+                self._pong_at = time.monotonic()
+        elif kind == "stats":
             self._stats = stats_from(msg)
         elif kind == "drained":
             with self._lock:

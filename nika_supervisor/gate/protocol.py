@@ -6,10 +6,12 @@ daemon -> gate:
   {"type": "view", ...UpstreamView}       whenever the daemon's picture of vLLM changes
   {"type": "drain", "timeout": S}         stop admitting to this vLLM; report drained
   {"type": "resume"}                      a drain that is no longer wanted
+  {"type": "ping", "n": N}                are you alive (every 2 s)
 gate -> daemon:
   {"type": "hello", "pid": N}             serving on the inherited sockets
   {"type": "stats", ...GateStats}         when the counters change (at most every 0.2 s)
   {"type": "drained", "in_flight_left": N, "waited_s": S, "timed_out": bool}
+  {"type": "pong", "n": N}                the answer to ping N, from the gate's event loop
 
 A line that is not JSON, not an object, of an unknown type or with wrong fields is a
 `ProtocolError`; the reader logs it (`gate.control_malformed`) and goes on. A line longer than
@@ -125,7 +127,7 @@ def stats_from(msg: dict[str, Any]) -> GateStats:
     return stats
 
 
-_TYPES = {"settings", "view", "drain", "resume", "hello", "stats", "drained"}
+_TYPES = {"settings", "view", "drain", "resume", "ping", "hello", "stats", "drained", "pong"}
 _CHECKS: dict[str, tuple[type, ...]] = {
     "phase": (str,), "ready": (bool,), "upstream": (str,), "cause": (str, type(None)),
     "last_load_s": (int, float, type(None)), "phase_since": (int, float, type(None)),

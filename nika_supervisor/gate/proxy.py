@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
@@ -62,10 +63,23 @@ def forward_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP]
 
 
+REJECT_LOG_EVERY_S = 1.0
+_reject_log: dict[str, tuple[float, int]] = {}  # reason -> (last logged, suppressed since)
+
+
 def reject_response(rej: Rejection, hold_timeout: float, ollama: bool) -> web.Response:
     body = ollama_error(rej, hold_timeout) if ollama else openai_error(rej, hold_timeout)
-    get_logger().info("gate.rejected", reason=rej.reason, phase=rej.phase, cause=rej.cause,
-                      held_s=round(rej.held_s, 3), retry_after=rej.retry_after)
+    # One line per reason per second at most: a max_held overflow can be thousands a second;
+    # the next line says how many were not logged (the count is in the stats either way).
+    now = time.monotonic()
+    last, suppressed = _reject_log.get(rej.reason, (-REJECT_LOG_EVERY_S, 0))
+    if now - last >= REJECT_LOG_EVERY_S:
+        get_logger().info("gate.rejected", reason=rej.reason, phase=rej.phase, cause=rej.cause,
+                          held_s=round(rej.held_s, 3), retry_after=rej.retry_after,
+                          suppressed=suppressed or None)
+        _reject_log[rej.reason] = (now, 0)
+    else:
+        _reject_log[rej.reason] = (last, suppressed + 1)
     return web.json_response(body, status=503, headers={"Retry-After": str(rej.retry_after)})
 
 

@@ -86,6 +86,8 @@ class GateServer:
         kind = msg["type"]
         if kind == "settings":
             await self._settings(settings_from(msg))
+        elif kind == "ping":
+            self.send({"type": "pong", "n": msg.get("n")})
         elif self.adm is None:
             raise ProtocolError(f"{kind} before settings")
         elif kind == "view":

@@ -49,14 +49,14 @@ class GateRun:
     """A GateProcess with its events on a queue and its log (JSON lines) in a file."""
 
     def __init__(self, tmp: Path, upstream_port: int, gate: str = "", vllm: str = "",
-                 names: tuple[str, ...] = ("nika",)) -> None:
+                 names: tuple[str, ...] = ("nika",), **proc_kw: Any) -> None:
         self.port = free_port()
         self.upstream_port = upstream_port
         self.cfg = gate_config(upstream_port, self.port, gate, vllm, names)
         self.events: queue.SimpleQueue[GateEvent] = queue.SimpleQueue()
         self.log_path = tmp / f"gate-{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
-        self.proc = GateProcess(self.cfg, emit=self.events.put, stdout=self._log)
+        self.proc = GateProcess(self.cfg, emit=self.events.put, stdout=self._log, **proc_kw)
         self.seen: list[GateEvent] = []
         self.views = 0
 

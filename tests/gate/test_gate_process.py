@@ -183,3 +183,30 @@ def test_doctor_checks_the_gate_addresses() -> None:
     [c] = check_gate_ports(_Facts(gate_config(free_port(), free), {}))
     assert c.status is Status.OK
     assert check_gate_ports(_Facts(replace(cfg, gate=None), {})) == []
+
+
+def test_a_wedged_gate_is_killed_and_respawned(run_standin: Callable[..., Any],
+                                               make_gate: Callable[..., GateRun]) -> None:
+    """A gate whose event loop stops answering pings (SIGSTOP here) is SIGKILLed after
+    unresponsive_after and respawned on the same socket; a request sent meanwhile is served
+    by the new gate."""
+    import os
+    import signal
+
+    s = ready_standin(run_standin)
+    g = make_gate(s.port, unresponsive_after=1.0)
+    g.view("ready")
+    old = g.proc.pid
+    assert old is not None
+    os.kill(old, signal.SIGSTOP)
+    t0 = time.monotonic()
+    status: list[int] = []
+    t = threading.Thread(target=lambda: status.append(get(g.url + "/v1/models")), daemon=True)
+    t.start()
+    exited = g.wait_for(GateExited, 10)
+    assert exited.pid == old and exited.signal == 9
+    started = g.wait_for(GateStarted, 10)
+    assert started.pid != old
+    t.join(10)
+    assert status == [200]
+    assert 1.0 <= time.monotonic() - t0 < 8.0
