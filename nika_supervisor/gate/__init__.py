@@ -14,6 +14,7 @@ from nika_supervisor.gate.process import (
     GateProcess,
     GateStarted,
     settings_for,
+    upstream_of,
 )
 from nika_supervisor.gate.protocol import GateSettings, GateStats, UpstreamView, status_text
 
@@ -29,4 +30,5 @@ __all__ = [
     "UpstreamView",
     "settings_for",
     "status_text",
+    "upstream_of",
 ]

@@ -101,6 +101,22 @@ def _child_format(fmt: str) -> str:
     return "console" if sys.stdout.isatty() else "keyvalue"
 
 
+def _add(base: GateStats, current: GateStats) -> GateStats:
+    return GateStats(in_flight=current.in_flight, held=current.held,
+                     served=base.served + current.served,
+                     rejected=base.rejected + current.rejected,
+                     retried=base.retried + current.retried,
+                     broken_streams=base.broken_streams + current.broken_streams,
+                     draining=current.draining, views=current.views)
+
+
+def upstream_of(cfg: Config) -> str:
+    """vLLM's address as the gate (and the probes) reach it: a wildcard host is loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "localhost": "127.0.0.1"}.get(
+        cfg.vllm.host, cfg.vllm.host)
+    return f"[{host}]:{cfg.vllm.port}" if ":" in host else f"{host}:{cfg.vllm.port}"
+
+
 def bind(addresses: tuple[tuple[str, int], ...]) -> list[socket.socket]:
     """Bind and listen on every public address, or raise GateBindError (nothing left open)."""
     out: list[socket.socket] = []
@@ -206,7 +222,9 @@ class GateProcess:
         self._chan: _Channel | None = None
         self._view: UpstreamView | None = None
         self._drain_timeout: float | None = None  # a drain not yet reported
-        self._stats = GateStats()
+        self._stats = GateStats()  # since the daemon started, across respawns
+        self._base = GateStats()  # what gates that have exited had counted
+        self._last = GateStats()  # the current gate's own latest counters
         self._closing = threading.Event()
         self._backoff = RESPAWN_FIRST_S
         self.spawns = 0
@@ -263,6 +281,8 @@ class GateProcess:
 
     @property
     def stats(self) -> GateStats:
+        """served, rejected, retried, broken_streams: since the daemon started (across gate
+        respawns); in_flight, held, draining, views: the current gate's."""
         return self._stats
 
     @property
@@ -304,16 +324,22 @@ class GateProcess:
                                     start_new_session=True)
         finally:
             theirs.close()
-        chan = _Channel(ours, self._message, self._malformed)
+        self.spawns += 1
+        gen = self.spawns
+        chan = _Channel(ours, lambda msg: self._message(msg, gen), self._malformed)
         with self._lock:
             self._proc, self._chan = proc, chan
             self._pong_at = time.monotonic()  # a fresh gate gets the whole grace period
+            # the counters since the daemon started: what the earlier gates counted, plus
+            # this one's
+            self._base = _add(self._base, self._last)
+            self._last = GateStats()
+            self._stats = self._base
             chan.send(self.settings.to_line())
             if self._view is not None:
                 chan.send(self._view.to_line())
             if self._drain_timeout is not None:
                 chan.send(encode({"type": "drain", "timeout": self._drain_timeout}))
-        self.spawns += 1
         self.log.info("gate.spawned", pid=proc.pid, spawns=self.spawns)
         threading.Thread(target=self._wait, args=(proc, chan, time.monotonic()),
                          name="gate-wait", daemon=True).start()
@@ -359,13 +385,17 @@ class GateProcess:
             n += 1
             chan.send(encode({"type": "ping", "n": n}))
 
-    def _message(self, msg: dict[str, object]) -> None:
+    def _message(self, msg: dict[str, object], gen: int) -> None:
         kind = msg["type"]
+        if gen != self.spawns:
+            return  # a late line from a gate that has been replaced
         if kind == "pong":
             with self._lock:
                 self._pong_at = time.monotonic()
         elif kind == "stats":
-            self._stats = stats_from(msg)
+            with self._lock:
+                self._last = stats_from(msg)
+                self._stats = _add(self._base, self._last)
         elif kind == "drained":
             with self._lock:
                 self._drain_timeout = None

@@ -126,3 +126,16 @@ def test_a_view_cannot_be_ready_and_given_up() -> None:
     """Contradictory views are refused where they are made."""
     with pytest.raises(ProtocolError):
         view(ready=True, given_up=True)
+
+
+def test_upstream_of() -> None:
+    """The gate reaches a vLLM bound to a wildcard through loopback."""
+    from nika_supervisor.config import parse_config
+    from nika_supervisor.gate import upstream_of
+
+    def up(host: str) -> str:
+        return upstream_of(parse_config(f"vllm: {{model: m, host: '{host}', port: 11107}}\n",
+                                        "f.yaml"))
+
+    assert [up(h) for h in ("127.0.0.1", "0.0.0.0", "::", "10.0.0.2", "::1")] == [
+        "127.0.0.1:11107", "127.0.0.1:11107", "[::1]:11107", "10.0.0.2:11107", "[::1]:11107"]
