@@ -377,6 +377,7 @@ def test_stop_under_load_finishes_in_flight_and_503s_the_rest(
                                    {**CHAT, "standin_delay_s": 1.5}))
     poll_for(lambda: g.proc.stats.in_flight == 1, 5, "in flight")
     g.proc.drain()
+    poll_for(lambda: g.proc.stats.draining, 5, "draining")
     held = Background(lambda: call(g.url, "/v1/chat/completions", CHAT))
     poll_for(lambda: g.proc.stats.held == 1, 5, "a new request held")
     g.wait_for(GateDrained, 10)
