@@ -45,6 +45,7 @@ class Loading:
     next_probe_at: float
     probe_in_flight: bool = False
     probe_again: bool = False  # vLLM said it is up while a probe was out: probe again at once
+    server_up_at: float | None = None  # when vLLM printed that its HTTP server is up
 
 
 @dataclass(frozen=True, slots=True)

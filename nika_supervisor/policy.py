@@ -113,6 +113,8 @@ from nika_supervisor.states import (
 )
 
 READY_POLL_S = 0.25  # readiness poll while loading (a fallback: ServerUp probes at once)
+FAST_POLL_S = 0.02  # ... and for FAST_POLL_FOR_S after ServerUp, if the alias is not listed yet
+FAST_POLL_FOR_S = 5.0
 PREFLIGHT_RETRY_S = 0.1  # re-check for orphans this often while they die
 KILL_GRACE_S = 5.0  # after SIGKILL, how long the group gets to disappear
 GROUP_POLL_S = 0.05  # while STOPPING, look for survivors of the group this often
@@ -295,6 +297,7 @@ class Policy:
             case ServerUp(pid=pid) if isinstance(rec, Loading) and pid == rec.pid:
                 acts.append(log("vllm.server_up", "debug", pid=pid,
                                 after_s=round(now - rec.spawned_at, 3)))
+                s = self._rec(s, server_up_at=now)
                 if rec.probe_in_flight:
                     return self._rec(s, probe_again=True)
                 acts.append(StartProbe("ready", pid))
@@ -384,7 +387,9 @@ class Policy:
             if rec.probe_again:
                 acts.append(StartProbe("ready", rec.pid))
                 return self._rec(s, probe_again=False)
-            return self._rec(s, probe_in_flight=False, next_probe_at=now + READY_POLL_S)
+            up = rec.server_up_at
+            poll = FAST_POLL_S if up is not None and now - up < FAST_POLL_FOR_S else READY_POLL_S
+            return self._rec(s, probe_in_flight=False, next_probe_at=now + poll)
         acts.append(log("vllm.ready", pid=rec.pid, load_s=round(now - rec.spawned_at, 3),
                         restarts=s.life.restarts))
         acts.append(NotifyReady())

@@ -50,7 +50,14 @@ from nika_supervisor.exitcodes import ExitCode
 from nika_supervisor.failures import Failure, Severity
 from nika_supervisor.lifecycle import Serving
 from nika_supervisor.metrics import VllmMetrics
-from nika_supervisor.policy import EXTEND_EVERY_S, GROUP_POLL_S, Policy
+from nika_supervisor.policy import (
+    EXTEND_EVERY_S,
+    FAST_POLL_FOR_S,
+    FAST_POLL_S,
+    GROUP_POLL_S,
+    READY_POLL_S,
+    Policy,
+)
 from nika_supervisor.states import ALLOWED, Phase
 
 GiB = 1024**3
@@ -84,6 +91,25 @@ def test_server_up_line_probes_at_once() -> None:
     acts = r.feed(ReadyProbe(7, True), after=0.003)
     assert NotifyReady() in acts and r.state.phase is Phase.READY
     assert r.feed(ServerUp(6)) == []  # an old vLLM's line
+
+
+def test_after_server_up_a_not_listed_alias_is_polled_fast_for_a_while() -> None:
+    """Up but not listing the alias yet: poll every FAST_POLL_S for FAST_POLL_FOR_S after
+    ServerUp, then fall back to READY_POLL_S (the ready lag stays small without polling
+    fast for a whole 10-minute load)."""
+    r = Run()
+    r.feed(Boot())
+    r.feed(PreflightResult())
+    r.feed(Spawned(7))
+    r.feed(Tick())
+    r.feed(ReadyProbe(7, False), after=0.01)
+    assert r.state.rec.next_probe_at == r.clock.t + READY_POLL_S  # type: ignore[union-attr]
+    r.feed(ServerUp(7), after=0.1)
+    r.feed(ReadyProbe(7, False), after=0.01)
+    assert r.state.rec.next_probe_at == r.clock.t + FAST_POLL_S  # type: ignore[union-attr]
+    r.feed(Tick(), after=FAST_POLL_FOR_S)
+    r.feed(ReadyProbe(7, False), after=0.01)
+    assert r.state.rec.next_probe_at == r.clock.t + READY_POLL_S  # type: ignore[union-attr]
 
 
 # -- reload ------------------------------------------------------------------------------
