@@ -156,7 +156,9 @@ def bench_crash_and_ready(work: Path, crashes: int, list_delay: float) -> dict[s
     alias, which only the 0.25 s readiness poll catches."""
     d = Daemon(work / "crash", {"interval": "1s", "timeout": "2s", "failure_threshold": 3,
                                 "startup_timeout": "30s"}, FAST_RESTART,
-               {"STANDIN_LIST_DELAY_S": str(list_delay)})
+               {"STANDIN_LIST_DELAY_S": str(list_delay),
+                # a random bind time, so the readiness poll's phase is not always the same
+                "STANDIN_BIND_JITTER_S": "0.5"})
     detect: list[float] = []
     ready_lag: list[float] = []
     try:

@@ -26,6 +26,8 @@ It imitates what the supervisor cares about in vLLM 0.32's server (observed with
 Behaviour is set by environment variables (all optional; seconds may be fractional):
 
   STANDIN_BIND_DELAY_S        "loading" time before the port is bound (default 0)
+  STANDIN_BIND_JITTER_S       plus a random extra in [0, this), drawn at each start (0), so
+                              that a benchmark does not bind in step with the 0.25 s poll
   STANDIN_LIST_DELAY_S        after binding, /v1/models lists no model until this passes (0)
   STANDIN_MODELS_DELAY_S      every /v1/models answer is delayed this long (0)
   STANDIN_HEALTH_DELAY_S      every /health answer is delayed this long (0)
@@ -86,6 +88,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import signal
 import sys
 import threading
@@ -224,6 +227,7 @@ def main(argv: list[str] | None = None, mode: str = "api_server") -> None:
             stop.wait(max(0.0, min(limit - now, 0.05)))
 
     bind_delay = env_float("STANDIN_BIND_DELAY_S", 0.0) or 0.0
+    bind_delay += random.uniform(0.0, env_float("STANDIN_BIND_JITTER_S", 0.0) or 0.0)
     if bind_delay:
         log("INFO", "model.py:733", "Resolved architecture: StandinForCausalLM")
         log("INFO", "default_loader.py:267", f"Loading weights took {bind_delay:.2f} seconds")
