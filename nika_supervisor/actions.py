@@ -36,6 +36,15 @@ class SignalGroup:
 
 
 @dataclass(frozen=True, slots=True)
+class Drain:
+    """Ask the gate to stop admitting requests to vLLM `pid` and to report (Drained) when
+    the ones in flight have finished."""
+
+    pid: int
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
 class CheckGroup:
     """Is any process of the group left? Answered with GroupGone when none is."""
 
@@ -120,9 +129,9 @@ class Exit:
 
 
 Action = (
-    Preflight | Spawn | SignalGroup | CheckGroup | StartProbe | RunDeep | Diagnose | SampleGpu
-    | LoadConfig | ApplyConfig | NotifyReady | NotifyReloading | NotifyStopping | ExtendTimeout
-    | Log | Exit
+    Preflight | Spawn | SignalGroup | Drain | CheckGroup | StartProbe | RunDeep | Diagnose
+    | SampleGpu | LoadConfig | ApplyConfig | NotifyReady | NotifyReloading | NotifyStopping
+    | ExtendTimeout | Log | Exit
 )
 
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 class Boot:
     gpu: bool = False  # the GPU monitor is running (gpu.sample, residency, GPU findings)
     gpu_finding: Failure | None = None  # what starting NVML found, if anything
+    gate_failure: Failure | None = None  # the gate could not bind its public addresses
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +134,15 @@ class OutputDropped:
 
 
 @dataclass(frozen=True, slots=True)
+class Drained:
+    """The gate has no request in flight to the current vLLM any more (or gave up waiting)."""
+
+    in_flight_left: int = 0
+    waited_s: float = 0.0
+    timed_out: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class StopRequested:
     signal: str = "SIGTERM"
 
@@ -163,6 +173,6 @@ class ConfigRejected:
 Event = (
     Boot | Tick | PreflightResult | Spawned | SpawnFailed | ServerUp | ReadyProbe | LiveProbe
     | ChildExited | Diagnosed | GroupGone | GpuReport | GpuSampled | MetricsRead | Generated
-    | OutputDropped | StopRequested | RestartRequested | ReloadRequested | ConfigLoaded
+    | OutputDropped | Drained | StopRequested | RestartRequested | ReloadRequested | ConfigLoaded
     | ConfigRejected
 )

@@ -70,6 +70,7 @@ class Stopping:
     child_exited: bool = False
     group_gone: bool = False
     next_group_check: float = 0.0
+    draining: bool = False  # the gate finishes in-flight requests before vLLM is signalled
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,7 @@ class Life:
     restart_log: tuple[float, ...] = ()  # when each restart inside the window was decided
     attempt: int = 0  # backoff exponent; reset after a healthy stretch
     last_failure: Failure | None = None
+    last_load_s: float | None = None  # how long the last load took (the gate's Retry-After)
     ever_ready: bool = False  # systemd has had READY=1 once: the start job is done
     reload_pending: bool = False  # a reload restarts vLLM: READY=1 when the new one answers
     config_error: str | None = None  # the last rejected reload, until a good one

@@ -37,6 +37,7 @@ from nika_supervisor.actions import (
     ApplyConfig,
     CheckGroup,
     Diagnose,
+    Drain,
     Exit,
     ExtendTimeout,
     LoadConfig,
@@ -62,6 +63,7 @@ from nika_supervisor.events import (
     ConfigLoaded,
     ConfigRejected,
     Diagnosed,
+    Drained,
     Event,
     Generated,
     GpuReport,
@@ -121,6 +123,7 @@ GROUP_POLL_S = 0.05  # while STOPPING, look for survivors of the group this ofte
 EXTEND_EVERY_S = 5.0  # while systemd waits on us: EXTEND_TIMEOUT_USEC this often ...
 EXTEND_BY_S = 20.0  # ... by this much, so a hung daemon still times out its start
 DROPPED_LOG_EVERY_S = 60.0  # vllm.output_dropped at most this often
+DRAIN_GRACE_S = 5.0  # past gate.drain_timeout, stop waiting for the gate's answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,13 +132,16 @@ class Policy:
     restart: RestartConfig
     gpu: GpuConfig = field(default_factory=GpuConfig)
     jitter: Callable[[], float] = field(default=lambda: 0.5)
+    drain_timeout: float | None = None  # gate.drain_timeout; None: no gate, nothing to drain
 
     @classmethod
     def from_config(cls, cfg: Any, jitter: Callable[[], float] = lambda: 0.5) -> Policy:
-        return cls(cfg.health, cfg.restart, cfg.gpu, jitter)
+        return cls(cfg.health, cfg.restart, cfg.gpu, jitter).with_config(cfg)
 
     def with_config(self, cfg: Any) -> Policy:
-        return replace(self, health=cfg.health, restart=cfg.restart, gpu=cfg.gpu)
+        gate = getattr(cfg, "gate", None)
+        return replace(self, health=cfg.health, restart=cfg.restart, gpu=cfg.gpu,
+                       drain_timeout=gate.drain_timeout if gate is not None else None)
 
     # -- moves ------------------------------------------------------------------------------
 
@@ -167,13 +173,27 @@ class Policy:
         if not isinstance(rec, Loading | Serving):
             return self._after_stop(s, then, code, backoff_s, now, reason, acts)
         pid = rec.pid
-        acts.append(log("vllm.signal", pgid=pid, signal="SIGTERM"))
+        planned = then is Then.RESTART_NOW or (then is Then.EXIT and code == ExitCode.OK)
+        if planned and isinstance(rec, Serving) and self.drain_timeout is not None:
+            # The gate holds new requests and lets the ones in flight finish first. Its own
+            # drain_timeout ends the wait; ours is a backstop should its answer never come.
+            acts.append(Drain(pid, self.drain_timeout))
+            stopping = Stopping(pid, now + self.drain_timeout + DRAIN_GRACE_S, then, code,
+                                backoff_s, next_group_check=now + GROUP_POLL_S, draining=True)
+            return self._goto(s, Phase.STOPPING, stopping, now, reason, acts)
+        stopping = Stopping(pid, now, then, code, backoff_s, next_group_check=now + GROUP_POLL_S)
+        s = self._goto(s, Phase.STOPPING, stopping, now, reason, acts)
+        return self._terminate(s, now, acts)
+
+    def _terminate(self, s: State, now: float, acts: list[Action]) -> State:
+        """SIGTERM to the group of the Stopping record; SIGKILL follows at stop_timeout."""
+        rec = s.rec
+        assert isinstance(rec, Stopping)
+        acts.append(log("vllm.signal", pgid=rec.pid, signal="SIGTERM"))
         # A stopped (SIGSTOPped, hung-in-T) process keeps SIGTERM pending until it runs again;
         # systemd sends SIGCONT after its kill signal for the same reason (systemd.kill(5)).
-        acts += [SignalGroup(pid, signal.SIGTERM), SignalGroup(pid, signal.SIGCONT)]
-        stopping = Stopping(pid, now + self.restart.stop_timeout, then, code, backoff_s,
-                            next_group_check=now + GROUP_POLL_S)
-        return self._goto(s, Phase.STOPPING, stopping, now, reason, acts)
+        acts += [SignalGroup(rec.pid, signal.SIGTERM), SignalGroup(rec.pid, signal.SIGCONT)]
+        return self._rec(s, draining=False, deadline=now + self.restart.stop_timeout)
 
     def _after_stop(self, s: State, then: Then, code: int, backoff_s: float, now: float,
                     reason: str, acts: list[Action]) -> State:
@@ -235,6 +255,9 @@ class Policy:
                 s = replace(s, since=now, rec=Starting(now + self.restart.stop_timeout))
                 s = self._life(s, gpu=ev.gpu, next_gpu_sample=now, next_gpu_log=now,
                                next_extend=now)
+                if ev.gate_failure is not None:
+                    return self._give_up(s, now, ev.gate_failure, BUDGET_SPENT_EXIT,
+                                         ev.gate_failure.cause, acts)
                 if ev.gpu_finding is not None:
                     s = self._report(s, ev.gpu_finding, now, acts)
                 if s.phase is Phase.STARTING:
@@ -345,6 +368,12 @@ class Policy:
                 s = self._rec(s, deep=d)
                 return self._fault(s, now, broken, acts) if broken is not None else s
 
+            case Drained() if isinstance(rec, Stopping) and rec.draining:
+                acts.append(log("gate.drained", "warning" if ev.timed_out else "info",
+                                pid=rec.pid, in_flight_left=ev.in_flight_left,
+                                waited_s=round(ev.waited_s, 3), timed_out=ev.timed_out))
+                return self._terminate(s, now, acts)
+
             case OutputDropped(count=count) if count > 0:
                 s = self._life(s, dropped_lines=s.life.dropped_lines + count)
                 return self._report_dropped(s, now, acts)
@@ -393,7 +422,8 @@ class Policy:
         acts.append(log("vllm.ready", pid=rec.pid, load_s=round(now - rec.spawned_at, 3),
                         restarts=s.life.restarts))
         acts.append(NotifyReady())
-        s = self._life(s, ever_ready=True, reload_pending=False)
+        s = self._life(s, ever_ready=True, reload_pending=False,
+                       last_load_s=now - rec.spawned_at)
         serving = Serving(rec.pid, rec.spawned_at, now, now + self.health.interval,
                           DeepState.fresh(self.health))
         return self._goto(s, Phase.READY, serving, now, "model listed", acts)
@@ -434,7 +464,7 @@ class Policy:
             if rec.group_gone:
                 return self._after_stop(s, rec.then, rec.exit_code, rec.backoff_s, now,
                                         "vLLM exited", acts)
-            return s
+            return self._terminate(s, now, acts) if rec.draining else s
         # An exit nobody asked for: what does vLLM's output say?
         acts.append(Diagnose(ev.pid, "exit", ev.returncode, ev.signal,
                              loading=s.phase is Phase.LOADING))
@@ -566,6 +596,10 @@ class Policy:
             s = self._rec(s, next_group_check=now + GROUP_POLL_S)
         if now < rec.deadline:
             return s
+        if rec.draining:
+            acts.append(log("gate.drained", "warning", pid=rec.pid, in_flight_left=None,
+                            waited_s=None, timed_out=True))
+            return self._terminate(s, now, acts)
         if not rec.killed:
             acts.append(log("vllm.stop_timeout", "warning", pid=rec.pid,
                             stop_timeout_s=self.restart.stop_timeout))

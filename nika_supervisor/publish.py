@@ -12,7 +12,8 @@ from typing import Any
 
 from nika_supervisor.config import Config
 from nika_supervisor.durations import format_duration
-from nika_supervisor.lifecycle import Backoff, Loading, Serving, State
+from nika_supervisor.gate import UpstreamView
+from nika_supervisor.lifecycle import Backoff, Done, Loading, Serving, State, Stopping, Then
 from nika_supervisor.notify import Notifier
 from nika_supervisor.statefile import write_state
 from nika_supervisor.states import Phase
@@ -40,6 +41,17 @@ def status_text(s: State, cfg: Config, now: float, gpu_text: str = "") -> str:
     if s.life.dropped_lines:
         parts.append(f"{s.life.dropped_lines} vLLM output lines dropped (journal too slow)")
     return "; ".join(parts)
+
+
+def gate_view(s: State, cfg: Config) -> UpstreamView:
+    """What the gate needs to know: forward (READY, UNHEALTHY), hold, or answer 503 at once
+    because the daemon is on its way out (nothing will come back to hold for)."""
+    rec, f = s.rec, s.life.last_failure
+    leaving = isinstance(rec, Done) or (isinstance(rec, Stopping) and rec.then is Then.EXIT)
+    return UpstreamView(phase=str(s.phase), ready=isinstance(rec, Serving),
+                        upstream=f"{cfg.vllm.host}:{cfg.vllm.port}",
+                        cause=f.cause if f is not None else None,
+                        last_load_s=s.life.last_load_s, phase_since=s.since, given_up=leaving)
 
 
 def state_record(s: State, cfg: Config, now: float, gpu_text: str = "") -> dict[str, Any]:

@@ -33,6 +33,7 @@ from nika_supervisor.actions import (
     ApplyConfig,
     CheckGroup,
     Diagnose,
+    Drain,
     Exit,
     ExtendTimeout,
     LoadConfig,
@@ -59,6 +60,7 @@ from nika_supervisor.events import (
     ConfigLoaded,
     ConfigRejected,
     Diagnosed,
+    Drained,
     Event,
     Generated,
     GroupGone,
@@ -75,6 +77,15 @@ from nika_supervisor.events import (
     Tick,
 )
 from nika_supervisor.failures import Failure
+from nika_supervisor.gate import (
+    GateBindError,
+    GateDrained,
+    GateEvent,
+    GateExited,
+    GateProcess,
+    GateStarted,
+    UpstreamView,
+)
 from nika_supervisor.gpu import GpuMonitor
 from nika_supervisor.gpuwatch import GpuWatch, MonitorFactory
 from nika_supervisor.lifecycle import State
@@ -82,7 +93,7 @@ from nika_supervisor.log import LEVELS, configure, get_logger, render_output
 from nika_supervisor.metrics import parse_metrics
 from nika_supervisor.notify import Notifier
 from nika_supervisor.policy import Policy
-from nika_supervisor.publish import Publisher, status_text
+from nika_supervisor.publish import Publisher, gate_view, status_text
 from nika_supervisor.statefile import default_runtime_dir
 
 DRAIN_WAIT_S = 0.1  # before a diagnosis, wait this long at most for the child's last lines
@@ -108,7 +119,7 @@ class Supervisor:
         self.environ = dict(os.environ if environ is None else environ)
         self.notifier = notifier or Notifier(self.environ)
         self.log = get_logger()
-        self.inbox: queue.SimpleQueue[Event | _Signal] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Event | _Signal | GateEvent] = queue.SimpleQueue()
         self.state = State()
         self.child: Child | None = None
         self.final: Exit | None = None
@@ -123,6 +134,8 @@ class Supervisor:
         self._next_watchdog: float | None = None
         self.diagnoser = Diagnoser.load()
         self.gpu: GpuWatch | None = None
+        self.gate: GateProcess | None = None
+        self._view: UpstreamView | None = None
         self.policy = Policy.from_config(cfg, jitter)
         self._configure(cfg)
         self.publisher = Publisher(self.notifier, cfg.supervisor.runtime_dir
@@ -138,6 +151,10 @@ class Supervisor:
         self._configure_logging(cfg.supervisor.log_format, cfg.supervisor.log_level)
         if self.gpu is not None:
             self.gpu.configure(cfg.gpu, cfg.vllm.env_dict)
+        if self.gate is not None and (cfg.gate is None or not self.gate.update(cfg)):
+            self.log.warning("gate.restart_needed", reason="gate.listen changed or the gate "
+                             "was turned off: bound sockets change only with a restart of "
+                             "the unit")
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -156,6 +173,7 @@ class Supervisor:
                       entrypoint=self.cfg.vllm.entrypoint,
                       watchdog_s=self.notifier.watchdog_interval,
                       notify=self.notifier.enabled, runtime_dir=self.publisher.runtime_dir)
+        gate_failure = self._start_gate()
         runs, finding = False, None
         if self.cfg.gpu.nvml != "off":
             self.gpu = GpuWatch(self.cfg.gpu, self.cfg.vllm.env_dict, self.inbox.put, self.log,
@@ -163,7 +181,22 @@ class Supervisor:
             runs, finding = self.gpu.start()
             if not runs:  # optional and unavailable: HTTP checks only
                 self.gpu = None
-        self._feed(Boot(gpu=runs, gpu_finding=finding))
+        self._feed(Boot(gpu=runs, gpu_finding=finding, gate_failure=gate_failure))
+
+    def _start_gate(self) -> Failure | None:
+        """Bind the public addresses once, for the daemon's whole life, and start the gate."""
+        if self.cfg.gate is None:
+            return None
+        gate = GateProcess(self.cfg, emit=self.inbox.put, environ=self.environ)
+        try:
+            gate.bind()
+        except GateBindError as e:
+            return Failure(f"the gate cannot listen: {e.strerror}",
+                           "another program holds the public address (ss -ltnp); stop it or "
+                           "change gate.listen", code="gate.bind")
+        gate.start()
+        self.gate = gate
+        return None
 
     def timeout(self) -> float:
         """How long the loop may block: until the policy's next deadline, the watchdog or
@@ -177,7 +210,7 @@ class Supervisor:
     def step(self, timeout: float) -> None:
         """One pass: wait for something (or a deadline), hand it to the policy, then tick."""
         try:
-            item: Event | _Signal | None = self.inbox.get(timeout=timeout)
+            item: Event | _Signal | GateEvent | None = self.inbox.get(timeout=timeout)
         except queue.Empty:
             item = None
         match item:
@@ -187,6 +220,10 @@ class Supervisor:
                 self._feed(ReloadRequested())
             case _Signal(signum=signum):
                 self._feed(StopRequested(signal.Signals(signum).name))
+            case GateDrained():
+                self._feed(Drained(item.in_flight_left, item.waited_s, item.timed_out))
+            case GateStarted() | GateExited():
+                pass  # the gate logs these; it respawns itself on the same sockets
             case _:
                 self._feed(item)
         now = self.clock.now()
@@ -210,6 +247,11 @@ class Supervisor:
                 if answer is not None:
                     pending.append(answer)
         self.publisher.publish(self.state, self.cfg, self.clock.now(), self._gpu_text())
+        if self.gate is not None:
+            view = gate_view(self.state, self.cfg)
+            if view != self._view:
+                self._view = view
+                self.gate.publish(view)
 
     def _execute(self, a: Action) -> Event | None:
         match a:
@@ -222,6 +264,10 @@ class Supervisor:
             case SignalGroup(pgid=pgid, sig=sig):
                 if not procs.signal_group(pgid, sig) and sig != signal.SIGCONT:
                     return GroupGone(pgid)
+            case Drain(timeout=timeout):
+                if self.gate is None:
+                    return Drained()
+                self.gate.drain(timeout)
             case CheckGroup(pgid=pgid):
                 if not procs.group_members(pgid):
                     return GroupGone(pgid)
@@ -336,7 +382,11 @@ class Supervisor:
     # -- status ------------------------------------------------------------------------------
 
     def _gpu_text(self) -> str:
-        return self.gpu.status_text() if self.gpu is not None else ""
+        parts = [self.gpu.status_text() if self.gpu is not None else ""]
+        if self.gate is not None:
+            g = self.gate.stats
+            parts.append(f"gate: {g.in_flight} in flight, {g.held} held, {g.rejected} rejected")
+        return "; ".join(p for p in parts if p)
 
     def status_text(self) -> str:
         return status_text(self.state, self.cfg, self.clock.now(), self._gpu_text())
@@ -357,6 +407,8 @@ class Supervisor:
             self.gpu.close()
         if self.child is not None:
             self.child.pump.close(timeout=1.0)
+        if self.gate is not None:  # last: the public sockets stay open until vLLM is gone
+            self.gate.close()
         final = self.final or Exit(1)
         self.log.info("supervisor.stopped", exit_code=final.code, restarts=final.restarts,
                       reason=final.reason)

@@ -15,6 +15,7 @@ from nika_supervisor.actions import (
     ApplyConfig,
     CheckGroup,
     Diagnose,
+    Drain,
     Exit,
     ExtendTimeout,
     LoadConfig,
@@ -26,12 +27,13 @@ from nika_supervisor.actions import (
     StartProbe,
     Work,
 )
-from nika_supervisor.config import Config, GpuConfig, VllmConfig
+from nika_supervisor.config import Config, GateConfig, GpuConfig, VllmConfig
 from nika_supervisor.events import (
     Boot,
     ChildExited,
     ConfigLoaded,
     ConfigRejected,
+    Drained,
     GpuReport,
     GpuSampled,
     GroupGone,
@@ -51,6 +53,7 @@ from nika_supervisor.failures import Failure, Severity
 from nika_supervisor.lifecycle import Serving
 from nika_supervisor.metrics import VllmMetrics
 from nika_supervisor.policy import (
+    DRAIN_GRACE_S,
     EXTEND_EVERY_S,
     FAST_POLL_FOR_S,
     FAST_POLL_S,
@@ -325,3 +328,53 @@ def test_random_histories_keep_the_invariants() -> None:
         assert len(exits) <= 1
         if exits and exits[0].code != 0:
             assert len(r.events("supervisor.gave_up")) == 1
+
+
+# -- the gate: drain before a planned stop -------------------------------------------------
+
+
+def gated_run() -> Run:
+    r = Run()
+    r.policy = replace(r.policy, drain_timeout=60.0)
+    return r
+
+
+def test_planned_restart_drains_before_signalling() -> None:
+    """With the gate on, a reload's restart and a stop first drain: no SIGTERM until the gate
+    says nothing is in flight (Drained), then the usual stop."""
+    r = gated_run()
+    r.start_ready()
+    acts = r.feed(ConfigLoaded(replace(cfg(), gate=GateConfig(drain_timeout=60.0)),
+                               launch_changed=True))
+    assert Drain(100, 60.0) in acts and SignalGroup(100, signal.SIGTERM) not in acts
+    assert r.state.phase is Phase.STOPPING
+    assert not any(isinstance(a, SignalGroup) for a in r.tick_until(r.clock.t + 30.0))
+    acts = r.feed(Drained(in_flight_left=0, waited_s=2.5))
+    assert SignalGroup(100, signal.SIGTERM) in acts
+    assert r.events("gate.drained")[0]["waited_s"] == 2.5
+
+
+def test_drain_has_a_backstop_and_failures_do_not_drain() -> None:
+    """No answer from the gate: SIGTERM after drain_timeout + grace. A crash or a fault is
+    not planned: vLLM is broken, so it is signalled at once."""
+    r = gated_run()
+    r.start_ready()
+    t0 = r.clock.t
+    r.feed(StopRequested())
+    acts = r.tick_until(t0 + 60.0 + DRAIN_GRACE_S)
+    assert SignalGroup(100, signal.SIGTERM) in acts
+    assert r.events("gate.drained")[0]["timed_out"] is True
+    r2 = gated_run()
+    r2.start_ready()
+    acts = r2.feed(GpuReport(Failure("Xid 13", code="xid.13")))
+    assert SignalGroup(100, signal.SIGTERM) in acts and not any(isinstance(a, Drain)
+                                                                for a in acts)
+
+
+def test_vllm_dying_while_draining_ends_the_drain() -> None:
+    r = gated_run()
+    r.start_ready()
+    r.feed(StopRequested())
+    acts = r.feed(ChildExited(100, 1, None))
+    assert SignalGroup(100, signal.SIGTERM) in acts  # the rest of the group
+    assert Exit(ExitCode.OK) in r.feed(GroupGone(100))
