@@ -1,0 +1,156 @@
+"""The daemon with its gate on, against the stand-in vLLM, through the official `openai` and
+`ollama` clients: the public port never refuses a connection across a vLLM crash, requests
+made during the restart are held and answered, a reload that restarts vLLM under steady load
+costs no request, and a stop lets the request in flight finish first."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ollama
+import openai
+import pytest
+from helpers import Daemon, free_port, poll_for, rewrite_config
+
+pytestmark = pytest.mark.process
+
+
+def gated(ready_daemon: Callable[..., Daemon], **overrides: Any) -> tuple[Daemon, int]:
+    port = free_port()
+    gate = {"listen": [f"127.0.0.1:{port}"], "hold_timeout": "15s", "drain_timeout": "10s",
+            **overrides.pop("gate", {})}
+    return ready_daemon(gate=gate, **overrides), port
+
+
+def client(port: int) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                         max_retries=0, timeout=30)
+
+
+class ConnectProbe(threading.Thread):
+    """Connects to the port every 5 ms until stopped, counting refusals."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.refused, self.connects = port, 0, 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            s = socket.socket()
+            s.settimeout(2)
+            try:
+                s.connect(("127.0.0.1", self.port))
+                self.connects += 1
+            except OSError as e:
+                if e.errno == errno.ECONNREFUSED:
+                    self.refused += 1
+            finally:
+                s.close()
+            self.done.wait(0.005)
+
+
+def test_crash_restart_never_refuses_and_holds_requests(ready_daemon) -> None:
+    """SIGKILL of vLLM: while it restarts, connects to the public port all succeed and a
+    completion sent meanwhile is held, then answered by the new vLLM."""
+    d, port = gated(ready_daemon, vllm={"env": {"STANDIN_BIND_DELAY_S": "1.5"}})
+    info = d.standin.info()
+    assert info is not None
+    probe = ConnectProbe(port)
+    probe.start()
+    t0 = time.monotonic()
+    signal_pid = info["pid"]
+    os.kill(signal_pid, signal.SIGKILL)
+    d.wait_event("vllm.exited", pid=signal_pid, since=t0)
+    answer = client(port).completions.create(model="nika", prompt="hi", max_tokens=3)
+    took = time.monotonic() - t0
+    probe.done.set()
+    probe.join(5)
+    assert answer.choices[0].text
+    new = d.wait_event("vllm.ready", since=t0)
+    assert new["pid"] != signal_pid and took >= 1.0  # it waited for the new vLLM
+    assert probe.connects > 50 and probe.refused == 0
+
+
+def test_reload_with_launch_change_under_load_costs_no_request(ready_daemon, tmp_path) -> None:
+    """Four clients in a loop; SIGHUP with a new vllm.args: the gate drains the old vLLM,
+    holds new requests through the restart, and no request fails."""
+    d, port = gated(ready_daemon)
+    oai = client(port)
+    errors: list[str] = []
+    done = threading.Event()
+    count = [0]
+
+    def load() -> None:
+        while not done.is_set():
+            try:
+                r = oai.completions.create(model="nika", prompt="x", max_tokens=2,
+                                           extra_body={"standin_delay_s": 0.1})
+                assert r.choices[0].text
+                count[0] += 1
+            except Exception as e:
+                errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    poll_for(lambda: count[0] >= 10, 10, "the load to run")
+    rewrite_config(tmp_path / "nika-vllm.yaml", vllm={"args": {"max-model-len": 1024}})
+    t0 = time.monotonic()
+    before = count[0]
+    d.send_signal(signal.SIGHUP)
+    ready = d.wait_event("vllm.ready", since=t0, timeout=30)
+    after_ready = time.monotonic()
+    while count[0] < before + 20 and time.monotonic() < after_ready + 10:
+        done.wait(0.05)
+    done.set()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert count[0] >= before + 20
+    drained = d.wait_event("gate.drained", since=t0)
+    assert drained["timed_out"] is False
+    term = d.wait_event("vllm.signal", since=t0, signal="SIGTERM")
+    assert drained.t <= term.t  # drained first, then signalled
+    assert ready["pid"] != d.events_named("vllm.spawned")[0]["pid"]
+
+
+def test_stop_lets_the_request_in_flight_finish(ready_daemon) -> None:
+    """SIGTERM during a 2 s completion: it is answered in full; then vLLM is stopped."""
+    d, port = gated(ready_daemon)
+    result: dict[str, Any] = {}
+
+    def slow() -> None:
+        try:
+            result["r"] = client(port).completions.create(
+                model="nika", prompt="x", max_tokens=3, extra_body={"standin_delay_s": 2.0})
+        except Exception as e:
+            result["error"] = e
+
+    t = threading.Thread(target=slow)
+    t.start()
+    poll_for(lambda: d.standin.state()["counts"].get("POST /v1/completions"), 5,
+             "the slow completion to reach vLLM")
+    d.send_signal(signal.SIGTERM)
+    t.join(20)
+    assert "error" not in result, result
+    assert result["r"].choices[0].text
+    assert d.wait_exit(20) == 0
+    drained = d.wait_event("gate.drained")
+    assert drained["in_flight_left"] == 0 and drained["timed_out"] is False
+
+
+def test_ollama_client_through_the_daemon(ready_daemon) -> None:
+    """An application written for Ollama works unchanged against the daemon's gate."""
+    _, port = gated(ready_daemon)
+    c = ollama.Client(host=f"http://127.0.0.1:{port}")
+    reply = c.chat(model="nika", messages=[{"role": "user", "content": "hi"}])
+    assert reply.message.content
+    assert [m.model for m in c.ps().models] == ["nika:latest"]  # loaded: vLLM is ready
