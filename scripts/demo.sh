@@ -48,6 +48,13 @@ else
     [[ "$port" == 1107 ]] || echo "demo: port 1107 is in use; serving on $port instead" >&2
 fi
 
+# vLLM itself listens on an internal port behind the gate (the public front door on $port).
+internal=""
+for p in 11107 $(seq 11108 11199); do
+    if port_free "$p"; then internal="$p"; break; fi
+done
+[[ -n "$internal" ]] || die "ports 11107-11199 are all in use: none is free for vLLM"
+
 runtime_dir="${XDG_RUNTIME_DIR:-/tmp}/nika-vllm-demo-$(id -u)"
 
 # Timings for a CPU: the tiny model is ready in about 20-55 s on 2 cores and answers a
@@ -64,7 +71,7 @@ vllm:
   model: $TINY_MODEL
   served_model_name: nika
   host: 127.0.0.1
-  port: $port
+  port: $internal            # internal: clients use the gate on $port
   args:
     enforce-eager: true      # no torch.compile / graph capture: faster start on CPU
     max-model-len: 256
@@ -88,6 +95,11 @@ restart:
   healthy_after: 2m
 gpu:
   nvml: "off"                # no GPU on the demo machine (quoted: bare off is YAML false)
+gate:
+  listen: [127.0.0.1:$port]  # the public port: open from start to stop, across restarts
+  hold_timeout: 90s          # a request during a restart waits for the new vLLM (CPU: ~30 s)
+  drain_timeout: 30s
+  ollama: true               # Ollama clients work too: http://127.0.0.1:$port/api/chat
 supervisor:
   unit_name: nika-vllm-demo
   # Not the service's /run/nika-vllm: a demo beside a real deployment must not touch its state.
@@ -95,5 +107,6 @@ supervisor:
 YAML
 
 echo "demo: wrote $config; model 'nika' on http://127.0.0.1:$port (Ctrl-C stops it)" >&2
+echo "demo: Ollama clients: curl -s http://127.0.0.1:$port/api/chat -d '{\"model\":\"nika\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello!\"}],\"stream\":false}'" >&2
 echo "demo: try: curl -s http://127.0.0.1:$port/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\":\"nika\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello!\"}],\"max_tokens\":16}'" >&2
 exec .venv/bin/nika-supervisor run --config "$config"

@@ -301,7 +301,8 @@ def test_dropped_output_is_reported_at_most_once_a_minute() -> None:
 
 def test_random_histories_keep_the_invariants() -> None:
     """Thousands of random events: every move is allowed, every non-zero Exit follows exactly
-    one supervisor.gave_up, and the restart log stays within max_restarts."""
+    one supervisor.gave_up, the restart log stays within max_restarts, and after a Tick the
+    next deadline is always in the future (the loop can never spin)."""
     rng = random.Random(9)
     for _ in range(40):
         r = Run()
@@ -322,6 +323,10 @@ def test_random_histories_keep_the_invariants() -> None:
                 pid += 1
             r.feed(ev, after=rng.choice([0.0, 0.1, 1.0, 7.0, 40.0]))
             assert len(r.life.restart_log) <= RESTART.max_restarts
+            # no busy loop: once ticked, the next deadline is in the future
+            r.feed(Tick())
+            nxt = r.policy.next_deadline(r.state)
+            assert nxt is None or nxt > r.clock.t, (r.state, nxt)
         for a, b in r.phases():
             assert Phase(b) in ALLOWED[Phase(a)]
         exits = [a for a in r.actions if isinstance(a, Exit)]
