@@ -17,7 +17,13 @@ from aiohttp import web
 
 from nika_supervisor.gate import ollama_map as om
 from nika_supervisor.gate.protocol import GateSettings
-from nika_supervisor.gate.proxy import RejectedError, Upstream, reject_response, send
+from nika_supervisor.gate.proxy import (
+    RejectedError,
+    Upstream,
+    bad_gateway,
+    reject_response,
+    send,
+)
 from nika_supervisor.log import get_logger
 
 NDJSON = "application/x-ndjson"
@@ -117,6 +123,8 @@ class Ollama:
                 return await self._stream(request, resp, str(name), chat, tally)
         except RejectedError as e:
             return reject_response(e.rejection, self.up.adm.hold_timeout, ollama=True)
+        except aiohttp.ClientError as e:
+            return bad_gateway(e, ollama=True)
 
     async def _stream(self, request: web.Request, resp: aiohttp.ClientResponse, name: str,
                       chat: bool, tally: om.Tally) -> web.StreamResponse:
@@ -206,6 +214,8 @@ class Ollama:
                 vectors = [d["embedding"] for d in json.loads(raw).get("data", [])]
         except RejectedError as e:
             return reject_response(e.rejection, self.up.adm.hold_timeout, ollama=True)
+        except aiohttp.ClientError as e:
+            return bad_gateway(e, ollama=True)
         if legacy:
             return web.json_response({"embedding": vectors[0] if vectors else []})
         return web.json_response({"model": body.get("model"), "embeddings": vectors})

@@ -29,7 +29,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "content-length"})
 # Failures that mean vLLM never answered: nothing reached the client, safe to send again.
 NOT_ANSWERED = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
-                aiohttp.ClientOSError)
+                aiohttp.ClientOSError, aiohttp.ServerTimeoutError)
 
 
 class UpstreamBroken(Exception):
@@ -92,6 +92,16 @@ async def passthrough(request: web.Request, up: Upstream) -> web.StreamResponse:
             return await _relay(request, resp, up.adm)
     except RejectedError as e:
         return reject_response(e.rejection, up.adm.hold_timeout, ollama=False)
+    except aiohttp.ClientError as e:  # vLLM answered, but not in HTTP we can relay
+        return bad_gateway(e, ollama=False)
+
+
+def bad_gateway(e: Exception, ollama: bool) -> web.Response:
+    message = f"the model server sent an answer the gate cannot relay ({type(e).__name__}: {e})"
+    get_logger().warning("gate.bad_gateway", error=f"{type(e).__name__}: {e}")
+    body: dict[str, object] = {"error": message} if ollama else {"error": {
+        "message": message, "type": "bad_gateway", "param": None, "code": 502}}
+    return web.json_response(body, status=502)
 
 
 @contextlib.asynccontextmanager

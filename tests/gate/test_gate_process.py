@@ -216,3 +216,43 @@ def test_a_wedged_gate_is_killed_and_respawned(run_standin: Callable[..., Any],
     t.join(10)
     assert status == [200]
     assert 1.0 <= time.monotonic() - t0 < 8.0
+
+
+def test_garbage_from_upstream_is_a_502(make_gate: Callable[..., GateRun]) -> None:
+    """An upstream that answers something that is not HTTP gives the client a 502 with an
+    OpenAI-style error (and Ollama routes Ollama's), never a bare 500 from the server library."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    stop = threading.Event()
+
+    def serve() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                continue
+            c.recv(65536)
+            c.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            c.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        g = make_gate(srv.getsockname()[1])
+        g.view("ready")
+        req = urllib.request.Request(g.url + "/v1/models")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 502
+        assert json.loads(e.value.read())["error"]["type"] == "bad_gateway"
+        req = urllib.request.Request(g.url + "/api/chat", data=json.dumps(
+            {"model": "nika", "messages": [{"role": "user", "content": "x"}]}).encode())
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 502 and "cannot relay" in json.loads(e.value.read())["error"]
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()
