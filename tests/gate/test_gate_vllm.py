@@ -151,6 +151,22 @@ def test_ollama_client_chats_streams_and_lists(served: tuple[Vllm, GateRun]) -> 
     assert e.value.status_code == 400
 
 
+def test_ollama_format_becomes_structured_output(served: tuple[Vllm, GateRun]) -> None:
+    """format: a JSON schema reaches vLLM as structured output: even the tiny random model
+    can only answer one of the schema's values; format: "json" gives a JSON object."""
+    import json
+
+    _v, g = served
+    client = ollama.Client(host=g.url)
+    schema = {"type": "string", "enum": ["yes", "no"]}
+    r = client.chat(model="nika", messages=MSG, format=schema,
+                    options={"num_predict": 12, "temperature": 1.0, "seed": 3})
+    assert json.loads(r.message.content) in ("yes", "no"), r.message.content
+    r = client.generate(model="nika", prompt="Answer:", format=schema,
+                        options={"num_predict": 12})
+    assert json.loads(r.response) in ("yes", "no"), r.response
+
+
 def test_sigkill_of_vllm_under_traffic_is_survived(served: tuple[Vllm, GateRun]) -> None:
     """SIGKILL of vLLM while both clients send requests: those that got no byte are held and
     retried after the restart and succeed; none sees a refused connection."""
