@@ -46,7 +46,16 @@ class Upstream:
 
     def url(self, path_qs: str) -> str:
         assert self.adm.view is not None
-        return f"http://{self.adm.view.upstream}{path_qs}"
+        return f"http://{reachable(self.adm.view.upstream)}{path_qs}"
+
+
+def reachable(upstream: str) -> str:
+    """"HOST:PORT" as published (vllm.host may be a wildcard or a bare IPv6 address) -> the
+    authority to connect to: a wildcard is loopback, IPv6 goes in brackets."""
+    host, _, port = upstream.rpartition(":")
+    host = host.strip("[]")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def new_session() -> aiohttp.ClientSession:

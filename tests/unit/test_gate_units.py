@@ -139,3 +139,13 @@ def test_upstream_of() -> None:
 
     assert [up(h) for h in ("127.0.0.1", "0.0.0.0", "::", "10.0.0.2", "::1")] == [
         "127.0.0.1:11107", "127.0.0.1:11107", "[::1]:11107", "10.0.0.2:11107", "[::1]:11107"]
+
+
+def test_the_published_upstream_is_made_reachable() -> None:
+    """A view's upstream straight from vllm.host:vllm.port still gives a connectable URL."""
+    from nika_supervisor.gate.proxy import reachable
+
+    assert [reachable(u) for u in ("127.0.0.1:11107", "0.0.0.0:11107", ":::11107",
+                                   "::1:11107", "[::1]:11107", "10.1.2.3:80")] == [
+        "127.0.0.1:11107", "127.0.0.1:11107", "[::1]:11107", "[::1]:11107", "[::1]:11107",
+        "10.1.2.3:80"]
