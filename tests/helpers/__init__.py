@@ -10,6 +10,7 @@ from helpers.config import (
     standin_state_dir,
     write_config,
 )
+from helpers.connect import ConnectProbe
 from helpers.daemon import Daemon, Event, run_cli
 from helpers.notify import Message, NotifySocket
 from helpers.procs import group_alive, group_members, pid_alive, proc_state
@@ -18,6 +19,7 @@ from helpers.wait import poll_for
 
 __all__ = [
     "STANDIN_PATH",
+    "ConnectProbe",
     "Daemon",
     "Event",
     "Message",
