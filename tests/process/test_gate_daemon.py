@@ -5,10 +5,8 @@ costs no request, and a stop lets the request in flight finish first."""
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +15,7 @@ from typing import Any
 import ollama
 import openai
 import pytest
-from helpers import Daemon, free_port, poll_for, rewrite_config
+from helpers import ConnectProbe, Daemon, free_port, poll_for, rewrite_config
 
 pytestmark = pytest.mark.process
 
@@ -32,29 +30,6 @@ def gated(ready_daemon: Callable[..., Daemon], **overrides: Any) -> tuple[Daemon
 def client(port: int) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
                          max_retries=0, timeout=30)
-
-
-class ConnectProbe(threading.Thread):
-    """Connects to the port every 5 ms until stopped, counting refusals."""
-
-    def __init__(self, port: int) -> None:
-        super().__init__(daemon=True)
-        self.port, self.refused, self.connects = port, 0, 0
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            s = socket.socket()
-            s.settimeout(2)
-            try:
-                s.connect(("127.0.0.1", self.port))
-                self.connects += 1
-            except OSError as e:
-                if e.errno == errno.ECONNREFUSED:
-                    self.refused += 1
-            finally:
-                s.close()
-            self.done.wait(0.005)
 
 
 def test_crash_restart_never_refuses_and_holds_requests(ready_daemon) -> None:
