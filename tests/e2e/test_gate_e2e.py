@@ -182,6 +182,10 @@ def test_sigkill_of_vllm_never_refuses_and_holds_a_request(gated: Supervised) ->
     assert new and new[-1]["pid"] != pid, gated.summary()
     assert result["t"] >= ready_at - 0.5, "answered before the new vLLM was ready"
     record_timing("(measure) SIGKILL to READY again", ready_at - t0, "(measure)")
+    spawned = gated.named("vllm.spawned", t0)
+    record_timing("(measure) SIGKILL to the new vLLM spawned",
+                  spawned[0].t - t0 if spawned else float("nan"), "(measure)")
+    record_timing("(measure) the new vLLM's load_s", float(new[-1]["load_s"]), "(measure)")
     record_timing("(measure) held request answered after", result["t"] - t0, "(measure)")
     assert probe.refused == 0, f"{probe.refused} of {probe.connects} connects refused"
     assert probe.connects > 100 and not probe.other, (probe.connects, probe.other[:5])
