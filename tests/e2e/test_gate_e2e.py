@@ -10,7 +10,8 @@ cases run in file order, each waiting first until the gate serves the alias:
   during the restart, and a completion sent right after the kill is held and answered by the
   new vLLM;
 - SIGHUP with a changed vllm.args while two clients loop: vLLM is drained, then restarted,
-  and no request fails.
+  and no request fails;
+- stop: the daemon drains and exits 0, the public port is closed and nothing is left.
 """
 
 from __future__ import annotations
@@ -240,3 +241,19 @@ def test_reload_with_launch_change_under_load_fails_no_request(gated: Supervised
     during = [t for t in answered if t0 <= t <= ready_at]
     record_timing(f"(measure) reload: {len(during)} answered during, {len(answered)} in all",
                   0.0, "(measure)")
+
+
+def test_stop_closes_the_public_port_and_leaves_nothing(gated: Supervised) -> None:
+    """SIGTERM of the daemon: it drains, stops vLLM and its gate, exits 0; afterwards the
+    public port refuses connections and no vLLM or gate process is left."""
+    port = serving(gated)
+    t0 = time.monotonic()
+    assert gated.stop(timeout=60) == 0, gated.summary()
+    record_timing("(measure) stop: SIGTERM to exit", time.monotonic() - t0, "(measure)")
+    drained = gated.wait_event("gate.drained", 5, after=t0)
+    assert drained["timed_out"] is False, drained.fields
+    gated.wait_event("gate.closed", 5, after=t0)
+    with ConnectProbe(port, every=0.05) as probe:
+        poll_for(lambda: probe.refused >= 3, 5, "connects to the closed port to be refused")
+    assert probe.connects == 0, f"{probe.connects} connects accepted after the stop"
+    assert gated.leftovers() == [], gated.leftovers()

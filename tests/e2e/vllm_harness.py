@@ -107,6 +107,15 @@ def with_marker(value: str) -> list[int]:
     return out
 
 
+def _is_gate(pid: int) -> bool:
+    """pid runs `python -m nika_supervisor.gate` (a gate pid reused by another process is not)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"nika_supervisor.gate" in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
 @dataclass
 class Http:
     status: int | None  # None: no HTTP answer at all
@@ -260,8 +269,13 @@ class Supervised:
     # -- ending -----------------------------------------------------------------------------
 
     def leftovers(self) -> list[Proc]:
-        """Live processes of any vLLM group this daemon started, or carrying its marker."""
+        """Live processes of any vLLM group this daemon started, or carrying its marker, and
+        any gate process it spawned (the gate runs in a session of its own)."""
         left = {p.pid: p for pgid in self.spawned_pids() for p in group(pgid)}
+        for e in self.named("gate.spawned"):
+            for p in group(int(e["pid"])):
+                if _is_gate(p.pid):
+                    left[p.pid] = p
         for pid in with_marker(self.marker):
             p = proc(pid)
             if p is not None:
