@@ -112,7 +112,8 @@ def main() -> int:
         "restart": {"backoff_initial": "1s", "backoff_max": "2s", "max_restarts": 20,
                     "window": "10m", "stop_timeout": "10s"},
         "gpu": {"nvml": "required", "stale_holders": "refuse", "sample_interval": "2s"},
-        "supervisor": {"log_format": "json", "runtime_dir": str(work / "run")},
+        "supervisor": {"log_format": "json", "runtime_dir": str(work / "run"),
+                       "state_dir": str(work / "state")},
     }))
     checks: dict[str, Any] = {}
     log = out / "daemon-events.jsonl"

@@ -58,7 +58,8 @@ class Daemon:
                      "env": {"PYTHONPATH": str(STANDIN),
                              "STANDIN_STATE_DIR": str(self.state_dir), **env}},
             "health": health, "restart": restart, "gpu": {"nvml": "off"},
-            "supervisor": {"log_format": "json", "runtime_dir": str(work / "run")},
+            "supervisor": {"log_format": "json", "runtime_dir": str(work / "run"),
+                           "state_dir": str(work / "state")},
         }
         self.config = work / "bench.yaml"
         self.config.write_text(yaml.safe_dump(cfg))

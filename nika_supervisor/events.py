@@ -25,6 +25,11 @@ class Boot:
     gpu: bool = False  # the GPU monitor is running (gpu.sample, residency, GPU findings)
     gpu_finding: Failure | None = None  # what starting NVML found, if anything
     gate_failure: Failure | None = None  # the gate could not bind its public addresses
+    # The restart budget read back from the history (a crash loop slows down across daemon
+    # restarts): restart times on this clock, the backoff exponent, the backoff still owed.
+    restart_log: tuple[float, ...] = ()
+    attempt: int = 0
+    delay_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +139,14 @@ class OutputDropped:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadStalled:
+    """vLLM's loading lines showed no new shard or step for health.load_stall."""
+
+    pid: int
+    failure: Failure
+
+
+@dataclass(frozen=True, slots=True)
 class Drained:
     """The gate has no request in flight to the current vLLM any more (or gave up waiting)."""
 
@@ -173,6 +186,7 @@ class ConfigRejected:
 Event = (
     Boot | Tick | PreflightResult | Spawned | SpawnFailed | ServerUp | ReadyProbe | LiveProbe
     | ChildExited | Diagnosed | GroupGone | GpuReport | GpuSampled | MetricsRead | Generated
-    | OutputDropped | Drained | StopRequested | RestartRequested | ReloadRequested | ConfigLoaded
+    | OutputDropped | LoadStalled | Drained | StopRequested | RestartRequested
+    | ReloadRequested | ConfigLoaded
     | ConfigRejected
 )

@@ -70,6 +70,7 @@ from nika_supervisor.events import (
     GpuSampled,
     GroupGone,
     LiveProbe,
+    LoadStalled,
     MetricsRead,
     OutputDropped,
     PreflightResult,
@@ -211,7 +212,7 @@ class Policy:
         """The one place the daemon gives up."""
         level = "critical" if code == ExitCode.GPU_FATAL else "error"
         acts.append(log("supervisor.gave_up", level, reason=reason, hint=failure.hint,
-                        code=int(code)))
+                        code=int(code), cause_code=failure.code))
         s = self._life(s, last_failure=failure)
         return self._stop(s, now, Then.EXIT, code, failure.cause, acts)
 
@@ -232,7 +233,7 @@ class Policy:
                        attempt=s.life.attempt + 1)
         acts.append(log("restart.scheduled", "warning", delay_s=round(delay, 3),
                         attempt=s.life.attempt, restarts_in_window=len(recent) + 1,
-                        reason=failure.cause))
+                        reason=failure.cause, code=failure.code))
         return self._stop(s, now, Then.BACKOFF, ExitCode.OK, failure.cause, acts, delay)
 
     def _fault(self, s: State, now: float, failure: Failure, acts: list[Action]) -> State:
@@ -254,14 +255,19 @@ class Policy:
             case Boot():
                 s = replace(s, since=now, rec=Starting(now + self.restart.stop_timeout))
                 s = self._life(s, gpu=ev.gpu, next_gpu_sample=now, next_gpu_log=now,
-                               next_extend=now)
+                               next_extend=now, attempt=ev.attempt,
+                               restart_log=in_window(ev.restart_log, now, self.restart.window))
                 if ev.gate_failure is not None:
                     return self._give_up(s, now, ev.gate_failure, BUDGET_SPENT_EXIT,
                                          ev.gate_failure.cause, acts)
                 if ev.gpu_finding is not None:
                     s = self._report(s, ev.gpu_finding, now, acts)
-                if s.phase is Phase.STARTING:
-                    acts.append(Preflight())
+                if s.phase is not Phase.STARTING:
+                    return s
+                if ev.delay_s > 0:  # a crash loop carried over: the backoff still owed first
+                    return self._goto(s, Phase.BACKOFF, Backoff(now + ev.delay_s), now,
+                                      "restart budget carried over from the history", acts)
+                acts.append(Preflight())
                 return s
 
             case Tick():
@@ -373,6 +379,9 @@ class Policy:
                                 pid=rec.pid, in_flight_left=ev.in_flight_left,
                                 waited_s=round(ev.waited_s, 3), timed_out=ev.timed_out))
                 return self._terminate(s, now, acts)
+
+            case LoadStalled(pid=pid) if isinstance(rec, Loading) and pid == rec.pid:
+                return self._fault(s, now, ev.failure, acts)
 
             case OutputDropped(count=count) if count > 0:
                 s = self._life(s, dropped_lines=s.life.dropped_lines + count)

@@ -22,11 +22,13 @@ STATUS_REFRESH_S = 5.0  # refresh elapsed times in STATUS while not ready ...
 READY_STATUS_REFRESH_S = 60.0  # ... and the uptime while ready
 
 
-def status_text(s: State, cfg: Config, now: float, gpu_text: str = "") -> str:
+def status_text(s: State, cfg: Config, now: float, gpu_text: str = "",
+                loading: str | None = None) -> str:
     v, rec = cfg.vllm, s.rec
     head = f"{s.phase}: {v.alias} on {v.host}:{v.port}"
     if isinstance(rec, Loading):
-        head += f" (loading {format_duration(now - rec.spawned_at)})"
+        elapsed = f"loading {format_duration(now - rec.spawned_at)}"
+        head += f" ({loading or elapsed})"
     elif isinstance(rec, Serving):
         head += f" (up {format_duration(now - rec.ready_at)})"
     elif isinstance(rec, Backoff):
@@ -54,7 +56,8 @@ def gate_view(s: State, cfg: Config) -> UpstreamView:
                         last_load_s=s.life.last_load_s, phase_since=s.since, given_up=leaving)
 
 
-def state_record(s: State, cfg: Config, now: float, gpu_text: str = "") -> dict[str, Any]:
+def state_record(s: State, cfg: Config, now: float, gpu_text: str = "",
+                 loading: str | None = None) -> dict[str, Any]:
     f = s.life.last_failure
     wall = time.time() - (now - s.since)
     return {
@@ -65,7 +68,7 @@ def state_record(s: State, cfg: Config, now: float, gpu_text: str = "") -> dict[
                                                "code": f.code, "severity": str(f.severity)},
         "config": cfg.path, "config_error": s.life.config_error,
         "dropped_lines": s.life.dropped_lines,
-        "status": status_text(s, cfg, now, gpu_text),
+        "status": status_text(s, cfg, now, gpu_text, loading),
     }
 
 
@@ -80,7 +83,8 @@ class Publisher:
         self.next_refresh = 0.0
         self._published: tuple[object, ...] = ()
 
-    def publish(self, s: State, cfg: Config, now: float, gpu_text: str = "") -> None:
+    def publish(self, s: State, cfg: Config, now: float, gpu_text: str = "",
+                loading: str | None = None) -> None:
         key = (s.phase, s.pid, s.life.restarts, s.life.last_failure, s.life.config_error,
                s.life.dropped_lines, cfg.path)
         changed = key != self._published
@@ -88,12 +92,12 @@ class Publisher:
             return
         self.next_refresh = now + (READY_STATUS_REFRESH_S if s.phase is Phase.READY
                                    else STATUS_REFRESH_S)
-        self.notifier.status(status_text(s, cfg, now, gpu_text))
+        self.notifier.status(status_text(s, cfg, now, gpu_text, loading))
         if not changed:
             return
         self._published = key
         try:
-            write_state(self.runtime_dir, state_record(s, cfg, now, gpu_text))
+            write_state(self.runtime_dir, state_record(s, cfg, now, gpu_text, loading))
         except OSError as e:
             self.log.warning("supervisor.state_write_failed", dir=self.runtime_dir,
                              error=e.strerror)

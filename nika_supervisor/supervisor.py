@@ -65,6 +65,7 @@ from nika_supervisor.events import (
     Generated,
     GroupGone,
     LiveProbe,
+    LoadStalled,
     MetricsRead,
     OutputDropped,
     PreflightResult,
@@ -92,6 +93,7 @@ from nika_supervisor.lifecycle import State
 from nika_supervisor.log import LEVELS, configure, get_logger, render_output
 from nika_supervisor.metrics import parse_metrics
 from nika_supervisor.notify import Notifier
+from nika_supervisor.observe import Observer
 from nika_supervisor.policy import Policy
 from nika_supervisor.publish import Publisher, gate_view, status_text
 from nika_supervisor.statefile import default_runtime_dir
@@ -114,7 +116,8 @@ class Supervisor:
                  notifier: Notifier | None = None, spawner: Spawner = Child.spawn,
                  gpu_factory: MonitorFactory = GpuMonitor,
                  jitter: Callable[[], float] = random.random,
-                 configure_logging: Callable[[str, str], object] = configure) -> None:
+                 configure_logging: Callable[[str, str], object] = configure,
+                 observer: Observer | None = None) -> None:
         self.clock = clock or MonotonicClock()
         self.environ = dict(os.environ if environ is None else environ)
         self.notifier = notifier or Notifier(self.environ)
@@ -137,6 +140,8 @@ class Supervisor:
         self.gate: GateProcess | None = None
         self._view: UpstreamView | None = None
         self.policy = Policy.from_config(cfg, jitter)
+        # Load progress, the history and /metrics (issue 11): fed every event and output line.
+        self.obs = observer or Observer(cfg, lambda event, level, **f: self._log(event, level, f))
         self._configure(cfg)
         self.publisher = Publisher(self.notifier, cfg.supervisor.runtime_dir
                                    or default_runtime_dir(self.environ), self.log)
@@ -173,6 +178,7 @@ class Supervisor:
                       entrypoint=self.cfg.vllm.entrypoint,
                       watchdog_s=self.notifier.watchdog_interval,
                       notify=self.notifier.enabled, runtime_dir=self.publisher.runtime_dir)
+        budget = self.obs.start(self.clock.now())
         gate_failure = self._start_gate()
         runs, finding = False, None
         if self.cfg.gpu.nvml != "off":
@@ -181,7 +187,10 @@ class Supervisor:
             runs, finding = self.gpu.start()
             if not runs:  # optional and unavailable: HTTP checks only
                 self.gpu = None
-        self._feed(Boot(gpu=runs, gpu_finding=finding, gate_failure=gate_failure))
+        now = self.clock.now()
+        self._feed(Boot(gpu=runs, gpu_finding=finding, gate_failure=gate_failure,
+                        restart_log=budget.restart_log(now), attempt=budget.attempt,
+                        delay_s=budget.delay_s))
 
     def _start_gate(self) -> Failure | None:
         """Bind the public addresses once, for the daemon's whole life, and start the gate."""
@@ -231,6 +240,10 @@ class Supervisor:
             self.notifier.watchdog()
             assert self.notifier.watchdog_interval is not None
             self._next_watchdog = now + self.notifier.watchdog_interval
+        stall = self.obs.tick(now)
+        if stall is not None and self.state.pid is not None:
+            self._feed(LoadStalled(self.state.pid, Failure(stall.cause, stall.hint,
+                                                           code=stall.code)))
         child = self.child
         if child is not None and child.pump.dropped > self._dropped_seen:
             count, self._dropped_seen = child.pump.dropped - self._dropped_seen, child.pump.dropped
@@ -246,7 +259,9 @@ class Supervisor:
                 answer = self._execute(a)
                 if answer is not None:
                     pending.append(answer)
-        self.publisher.publish(self.state, self.cfg, self.clock.now(), self._gpu_text())
+        now = self.clock.now()
+        self.publisher.publish(self.state, self.cfg, now, self._gpu_text(),
+                               self.obs.loading_status(now))
         if self.gate is not None:
             view = gate_view(self.state, self.cfg)
             if view != self._view:
@@ -256,7 +271,7 @@ class Supervisor:
     def _execute(self, a: Action) -> Event | None:
         match a:
             case Log(event=event, level=level):
-                getattr(self.log, level)(event, **a.as_dict())
+                self._log(event, level, a.as_dict())
             case Preflight():
                 return self._preflight()
             case Spawn():
@@ -326,6 +341,7 @@ class Supervisor:
 
         def tap(line: str) -> None:  # on the pump's reader thread
             self.diagnoser.feed(line)
+            self.obs.on_output(line, self.clock.now())
             if "pid" in box and any(m in line for m in SERVER_UP_MARKERS):
                 self.inbox.put(ServerUp(box["pid"]))
 
@@ -339,8 +355,8 @@ class Supervisor:
         if self.child is not None:
             self.child.pump.close(timeout=0.1)
         self.child, box["pid"], self._dropped_seen = child, child.pid, 0
-        self.log.info("vllm.spawned", pid=child.pid, argv=list(spec.argv),
-                      env=spec.redacted_added())
+        self._log("vllm.spawned", "info", {"pid": child.pid, "argv": list(spec.argv),
+                                           "env": spec.redacted_added()})
         return Spawned(child.pid)
 
     def _diagnose(self, ask: Diagnose) -> Diagnosed:
@@ -354,12 +370,14 @@ class Supervisor:
 
     def _probe(self, kind: str, pid: int) -> None:
         timeout = self.cfg.health.timeout
+        t0 = self.clock.now()
         if kind == "ready":
             out = probes.models(self._target, self.cfg.vllm.alias, self._key, min(timeout, 5.0))
             self.inbox.put(ReadyProbe(pid, out.ok, out.reason))
         else:
             out = probes.live(self._target, self.cfg.vllm.alias, self._key, timeout)
             self.inbox.put(LiveProbe(pid, out.ok, out.engine_dead, out.reason, out.probe))
+        self.obs.on_probe(kind, out.ok, self.clock.now() - t0)
 
     def _run_deep(self, work: Work) -> None:
         """On a pool thread: the HTTP part of a deep check."""
@@ -389,7 +407,15 @@ class Supervisor:
         return "; ".join(p for p in parts if p)
 
     def status_text(self) -> str:
-        return status_text(self.state, self.cfg, self.clock.now(), self._gpu_text())
+        now = self.clock.now()
+        return status_text(self.state, self.cfg, now, self._gpu_text(),
+                           self.obs.loading_status(now))
+
+    def _log(self, event: str, level: str, fields: dict[str, object]) -> None:
+        """Every event the daemon decides or observes: the Observer (history, /metrics, load
+        breakdown) sees it first and may add fields, then it is logged."""
+        extra = self.obs.on_event(event, fields, self.clock.now())
+        getattr(self.log, level)(event, **fields, **extra)
 
     # -- signals and shutdown ------------------------------------------------------------------
 
@@ -410,8 +436,10 @@ class Supervisor:
         if self.gate is not None:  # last: the public sockets stay open until vLLM is gone
             self.gate.close()
         final = self.final or Exit(1)
-        self.log.info("supervisor.stopped", exit_code=final.code, restarts=final.restarts,
-                      reason=final.reason)
+        self._log("supervisor.stopped", "info", {"exit_code": final.code,
+                                                 "restarts": final.restarts,
+                                                 "reason": final.reason})
+        self.obs.close(final.code, final.reason or "")
         return final.code
 
 

@@ -181,6 +181,7 @@ def write_config(path: Path, *, model: Path, vllm_py: Path, port: int, runtime_d
         "restart": r,
         "gpu": {"nvml": "off"},
         "supervisor": {"runtime_dir": str(runtime_dir), "log_format": "json",
+                       "state_dir": str(runtime_dir.parent / "state"),
                        "log_level": "debug", "unit_name": "nika-e2e"},
     }
     if gate is not None:

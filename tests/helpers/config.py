@@ -63,7 +63,9 @@ def default_config(tmp_path: Path) -> dict[str, Any]:
                     "window": "60s", "stop_timeout": "3s"},
         "gpu": {"nvml": "off"},
         "supervisor": {"log_format": "json", "log_level": "debug",
-                       "runtime_dir": str(tmp_path / "run")},
+                       "runtime_dir": str(tmp_path / "run"),
+                       # the history (restart budget across daemon restarts): never the host's
+                       "state_dir": str(tmp_path / "state")},
     }
 
 
