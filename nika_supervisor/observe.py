@@ -145,6 +145,18 @@ class Observer:
         self._publish()
         return self._budget
 
+    def metrics_url(self) -> str:
+        """Where this daemon's /metrics answers: supervisor.metrics_listen, or else a private
+        loopback port started now (the gate's /metrics reads it)."""
+        if self.server is None:
+            self.server = ex.MetricsServer(("127.0.0.1", 0), exposition=self.exposition).start()
+            self.log(ex.EVENT_LISTENING, "info", host="127.0.0.1", port=self.server.port)
+        listen = self.cfg.supervisor.metrics_listen
+        host = listen[0] if listen is not None else "127.0.0.1"
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.server.port}/metrics"
+
     def close(self, exit_code: int, reason: str = "") -> None:
         """Record the exit (once) and stop serving /metrics."""
         if self._closed:

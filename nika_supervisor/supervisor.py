@@ -77,6 +77,7 @@ from nika_supervisor.events import (
     StopRequested,
     Tick,
 )
+from nika_supervisor.exposition import GateReading
 from nika_supervisor.failures import Failure
 from nika_supervisor.gate import (
     GateBindError,
@@ -196,7 +197,8 @@ class Supervisor:
         """Bind the public addresses once, for the daemon's whole life, and start the gate."""
         if self.cfg.gate is None:
             return None
-        gate = GateProcess(self.cfg, emit=self.inbox.put, environ=self.environ)
+        gate = GateProcess(self.cfg, emit=self.inbox.put, environ=self.environ,
+                           metrics_url=self.obs.metrics_url())
         try:
             gate.bind()
         except GateBindError as e:
@@ -205,6 +207,8 @@ class Supervisor:
                            "change gate.listen", code="gate.bind")
         gate.start()
         self.gate = gate
+        self.obs.set_gate(lambda: GateReading(held=gate.stats.held,
+                                              in_flight=gate.stats.in_flight))
         return None
 
     def timeout(self) -> float:

@@ -8,7 +8,7 @@ import ipaddress
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import ClientError, ClientTimeout, web
 
 from nika_supervisor.gate.hold import Admission
 from nika_supervisor.gate.ollama import Ollama
@@ -65,9 +65,25 @@ class GateApp:
         return app
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/metrics" and self.settings.metrics_url:
+            return await self.metrics()
         if request.path in NO_HOLD and not self.adm.admitted():
             return reject_response(self.adm.reject_now(), self.adm.hold_timeout, ollama=False)
         return await passthrough(request, self.up)
+
+    async def metrics(self) -> web.StreamResponse:
+        """The daemon's scrape target (nika_* always, vLLM's own when it answers)."""
+        url = self.settings.metrics_url
+        assert url is not None
+        try:
+            async with self.up.session.get(url, timeout=ClientTimeout(total=5)) as r:
+                body = await r.read()
+                return web.Response(body=body, status=r.status,
+                                    headers={"Content-Type": r.headers.get(
+                                        "Content-Type", "text/plain; version=0.0.4")})
+        except (ClientError, TimeoutError) as e:
+            return web.Response(status=503, text=f"the supervisor's metrics are not "
+                                f"answering: {type(e).__name__}\n")
 
     def _if_ollama(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

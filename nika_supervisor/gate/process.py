@@ -81,7 +81,7 @@ class GateBindError(OSError):
     """A public address could not be bound (in use, not ours, no such interface)."""
 
 
-def settings_for(cfg: Config) -> GateSettings:
+def settings_for(cfg: Config, metrics_url: str | None = None) -> GateSettings:
     assert cfg.gate is not None, "settings_for needs a config with a gate section"
     max_len = dict(cfg.vllm.args).get("max-model-len")
     return GateSettings(
@@ -90,7 +90,8 @@ def settings_for(cfg: Config) -> GateSettings:
         aliases=cfg.vllm.served_model_name or (cfg.vllm.model,), model=cfg.vllm.model,
         max_model_len=max_len if isinstance(max_len, int) and not isinstance(max_len, bool)
         else None,
-        api_key_file=cfg.vllm.api_key_file, log_format=_child_format(cfg.supervisor.log_format),
+        api_key_file=cfg.vllm.api_key_file, metrics_url=metrics_url,
+        log_format=_child_format(cfg.supervisor.log_format),
         log_level=cfg.supervisor.log_level)
 
 
@@ -205,11 +206,12 @@ class GateProcess:
 
     def __init__(self, cfg: Config, *, emit: Callable[[GateEvent], None] = lambda e: None,
                  python: str | None = None, environ: Mapping[str, str] | None = None,
-                 stdout: IO[bytes] | None = None,
+                 stdout: IO[bytes] | None = None, metrics_url: str | None = None,
                  unresponsive_after: float = UNRESPONSIVE_AFTER_S) -> None:
         assert cfg.gate is not None, "GateProcess needs a config with a gate section"
         self.cfg = cfg
-        self.settings = settings_for(cfg)
+        self.metrics_url = metrics_url
+        self.settings = settings_for(cfg, metrics_url)
         self.emit = emit
         self.python = python or sys.executable
         self.stdout = stdout  # None: the daemon's own (journald); tests pass a file
@@ -273,7 +275,7 @@ class GateProcess:
         assert cfg.gate is not None and self.cfg.gate is not None
         same = cfg.gate.listen == self.cfg.gate.listen
         self.cfg = cfg
-        self.settings = settings_for(cfg)
+        self.settings = settings_for(cfg, self.metrics_url)
         with self._lock:
             if self._chan is not None:
                 self._chan.send(self.settings.to_line())

@@ -63,6 +63,9 @@ class GateSettings:
     model: str  # vllm.model (for /api/show details)
     max_model_len: int | None = None  # from vllm.args, for num_ctx checks
     api_key_file: str | None = None
+    # where the daemon serves its own /metrics (nika_* and vLLM's): the gate's /metrics
+    # answers from there, so one scrape sees both even while vLLM is down
+    metrics_url: str | None = None
     log_format: str = "keyvalue"
     log_level: str = "info"
 
@@ -134,6 +137,7 @@ _CHECKS: dict[str, tuple[type, ...]] = {
     "given_up": (bool,), "hold_timeout": (int, float), "max_held": (int,),
     "drain_timeout": (int, float), "ollama": (bool,), "aliases": (list, tuple),
     "model": (str,), "max_model_len": (int, type(None)), "api_key_file": (str, type(None)),
+    "metrics_url": (str, type(None)),
     "log_format": (str,), "log_level": (str,), "in_flight": (int,), "held": (int,),
     "served": (int,), "rejected": (int,), "retried": (int,), "broken_streams": (int,),
     "draining": (bool,), "views": (int,),

@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -129,3 +130,27 @@ def test_ollama_client_through_the_daemon(ready_daemon) -> None:
     reply = c.chat(model="nika", messages=[{"role": "user", "content": "hi"}])
     assert reply.message.content
     assert [m.model for m in c.ps().models] == ["nika:latest"]  # loaded: vLLM is ready
+
+
+def test_gate_metrics_answer_while_vllm_is_down(ready_daemon) -> None:
+    """The gate's /metrics is the daemon's scrape target: nika_* always (parsed by
+    prometheus_client), vLLM's own series appended while vLLM answers, and 200 while vLLM is
+    down after a crash."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    d, port = gated(ready_daemon, vllm={"env": {"STANDIN_BIND_DELAY_S": "3"}})
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            assert r.status == 200
+            text = r.read().decode()
+        samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+        return {s.name: s.value for s in samples if not s.labels or s.name.startswith("vllm:")}
+
+    up = poll_for(lambda: (m := scrape()).get("nika_ready") == 1.0 and m, 10, "nika_ready 1")
+    assert "vllm:num_requests_running" in up
+    info = d.standin.info()
+    assert info is not None
+    os.kill(info["pid"], signal.SIGKILL)
+    down = poll_for(lambda: (m := scrape()).get("nika_ready") == 0.0 and m, 10, "nika_ready 0")
+    assert "vllm:num_requests_running" not in down and down["nika_vllm_metrics_up"] == 0.0
