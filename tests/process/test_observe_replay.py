@@ -38,7 +38,7 @@ def test_a_real_daemon_log_replayed_into_the_observer(ready_daemon, tmp_path: Pa
 
     clock = {"t": T0}
     cfg = parse_config(json.dumps({"vllm": {"model": "/m", "env": {"HF_HUB_OFFLINE": "1"}},
-                                   "supervisor": {"state_dir": str(tmp_path / "state")}}),
+                                   "supervisor": {"state_dir": str(tmp_path / "replay")}}),
                        "t.yaml", check_paths=False)
     obs = Observer(cfg, wall=lambda: clock["t"])
     base = events[0].t
@@ -54,7 +54,12 @@ def test_a_real_daemon_log_replayed_into_the_observer(ready_daemon, tmp_path: Pa
             obs.on_event(e.name, fields, now)
         obs.tick(now)
 
-    recs = read_history(str(tmp_path / "state"))
+    # The daemon itself (its Observer is wired into the executor) wrote the same story.
+    own = [r["kind"] for r in read_history(str(tmp_path / "state"))]
+    assert own.count("vllm.start") == 2 and own.count("load") == 2
+    assert own.count("restart") == 1 and own[-1] == "daemon.exit"
+
+    recs = read_history(str(tmp_path / "replay"))
     kinds = [r["kind"] for r in recs]
     assert kinds.count("vllm.start") == 2 and kinds.count("load") == 2
     assert [r["to"] for r in recs if r["kind"] == "phase"].count("ready") == 2
