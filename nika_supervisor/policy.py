@@ -375,10 +375,7 @@ class Policy:
                 return self._fault(s, now, broken, acts) if broken is not None else s
 
             case Drained() if isinstance(rec, Stopping) and rec.draining:
-                acts.append(log("gate.drained", "warning" if ev.timed_out else "info",
-                                pid=rec.pid, in_flight_left=ev.in_flight_left,
-                                waited_s=round(ev.waited_s, 3), timed_out=ev.timed_out))
-                return self._terminate(s, now, acts)
+                return self._terminate(s, now, acts)  # the gate logged gate.drained
 
             case LoadStalled(pid=pid) if isinstance(rec, Loading) and pid == rec.pid:
                 return self._fault(s, now, ev.failure, acts)
@@ -606,8 +603,9 @@ class Policy:
         if now < rec.deadline:
             return s
         if rec.draining:
-            acts.append(log("gate.drained", "warning", pid=rec.pid, in_flight_left=None,
-                            waited_s=None, timed_out=True))
+            acts.append(log("gate.drain_unanswered", "warning", pid=rec.pid,
+                            waited_s=round(now - s.since, 3),
+                            hint="the gate did not report its drain; vLLM is stopped anyway"))
             return self._terminate(s, now, acts)
         if not rec.killed:
             acts.append(log("vllm.stop_timeout", "warning", pid=rec.pid,
