@@ -86,6 +86,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         for key in ("phase", "pid", "supervisor_pid", "alias", "host", "port", "restarts",
                     "config", "config_error"):
             print(f"  {key}: {state.get(key)}")
+        gate = state.get("gate")
+        if gate:
+            print(f"  gate: {gate.get('in_flight')} in flight, {gate.get('held')} held, "
+                  f"{gate.get('rejected')} rejected (503) since start")
         failure = state.get("last_failure")
         if failure:
             print(f"  last_failure: {failure.get('cause')}")

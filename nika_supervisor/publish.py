@@ -12,7 +12,7 @@ from typing import Any
 
 from nika_supervisor.config import Config
 from nika_supervisor.durations import format_duration
-from nika_supervisor.gate import UpstreamView
+from nika_supervisor.gate import GateStats, UpstreamView
 from nika_supervisor.lifecycle import Backoff, Done, Loading, Serving, State, Stopping, Then
 from nika_supervisor.notify import Notifier
 from nika_supervisor.statefile import write_state
@@ -57,7 +57,7 @@ def gate_view(s: State, cfg: Config) -> UpstreamView:
 
 
 def state_record(s: State, cfg: Config, now: float, gpu_text: str = "",
-                 loading: str | None = None) -> dict[str, Any]:
+                 loading: str | None = None, gate: GateStats | None = None) -> dict[str, Any]:
     f = s.life.last_failure
     wall = time.time() - (now - s.since)
     return {
@@ -68,6 +68,9 @@ def state_record(s: State, cfg: Config, now: float, gpu_text: str = "",
                                                "code": f.code, "severity": str(f.severity)},
         "config": cfg.path, "config_error": s.life.config_error,
         "dropped_lines": s.life.dropped_lines,
+        "gate": None if gate is None else {"in_flight": gate.in_flight, "held": gate.held,
+                                           "rejected": gate.rejected, "served": gate.served,
+                                           "retried": gate.retried},
         "status": status_text(s, cfg, now, gpu_text, loading),
     }
 
@@ -84,9 +87,9 @@ class Publisher:
         self._published: tuple[object, ...] = ()
 
     def publish(self, s: State, cfg: Config, now: float, gpu_text: str = "",
-                loading: str | None = None) -> None:
+                loading: str | None = None, gate: GateStats | None = None) -> None:
         key = (s.phase, s.pid, s.life.restarts, s.life.last_failure, s.life.config_error,
-               s.life.dropped_lines, cfg.path)
+               s.life.dropped_lines, cfg.path, gate)
         changed = key != self._published
         if not changed and now < self.next_refresh:
             return
@@ -97,7 +100,7 @@ class Publisher:
             return
         self._published = key
         try:
-            write_state(self.runtime_dir, state_record(s, cfg, now, gpu_text, loading))
+            write_state(self.runtime_dir, state_record(s, cfg, now, gpu_text, loading, gate))
         except OSError as e:
             self.log.warning("supervisor.state_write_failed", dir=self.runtime_dir,
                              error=e.strerror)

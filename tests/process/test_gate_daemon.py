@@ -16,7 +16,7 @@ from typing import Any
 import ollama
 import openai
 import pytest
-from helpers import ConnectProbe, Daemon, free_port, poll_for, rewrite_config
+from helpers import ConnectProbe, Daemon, free_port, poll_for, rewrite_config, run_cli
 
 pytestmark = pytest.mark.process
 
@@ -125,11 +125,16 @@ def test_stop_lets_the_request_in_flight_finish(ready_daemon) -> None:
 
 def test_ollama_client_through_the_daemon(ready_daemon) -> None:
     """An application written for Ollama works unchanged against the daemon's gate."""
-    _, port = gated(ready_daemon)
+    d, port = gated(ready_daemon)
     c = ollama.Client(host=f"http://127.0.0.1:{port}")
     reply = c.chat(model="nika", messages=[{"role": "user", "content": "hi"}])
     assert reply.message.content
     assert [m.model for m in c.ps().models] == ["nika:latest"]  # loaded: vLLM is ready
+    # `nika-supervisor status` shows the gate's counters
+    status = poll_for(lambda: (out := run_cli(["status", "--config", str(d.config)]).stdout)
+                      and "gate: 0 in flight, 0 held, 0 rejected" in out and out, 10,
+                      "the gate's counters in `status`")
+    assert status.splitlines()[0].startswith("ready:")
 
 
 def test_gate_metrics_answer_while_vllm_is_down(ready_daemon) -> None:
