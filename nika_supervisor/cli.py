@@ -45,8 +45,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return ExitCode.CONFIG
+    c = cfg.cluster
+    if c is not None and not c.is_head:
+        print(f"{args.config}: ok (model {cfg.vllm.model!r}, headless rank {c.node_rank} of "
+              f"{c.nnodes}, head {c.master_addr}:{c.master_port}; not yet supervised as a group)")
+        return ExitCode.OK
+    group = (f", head of {c.nnodes} ranks; not yet supervised as a group"
+             if c is not None else "")
     print(f"{args.config}: ok (model {cfg.vllm.model!r} as {cfg.vllm.alias!r} on "
-          f"{cfg.vllm.host}:{cfg.vllm.port})")
+          f"{cfg.vllm.host}:{cfg.vllm.port}{group})")
     return ExitCode.OK
 
 

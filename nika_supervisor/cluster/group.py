@@ -84,9 +84,13 @@ class GroupState:
         return self.ranks[rank]
 
 
-def initial(nnodes: int, node_rank: int, now: float) -> GroupState:
+def initial(nnodes: int, node_rank: int, now: float, epoch_base: int = 0) -> GroupState:
+    """A node's view at its daemon's start. The head's first start makes epoch_base + 1: the
+    daemon must pass a base above any epoch of its previous life (a counter kept in the state
+    directory, or the wall clock in whole seconds at start), so that a worker's request about
+    an epoch of a previous head daemon can never match a new one."""
     ranks = tuple(RankView(r, DOWN if r == node_rank else UNKNOWN) for r in range(nnodes))
-    return GroupState(node_rank=node_rank, epoch=0, ranks=ranks, since=now)
+    return GroupState(node_rank=node_rank, epoch=epoch_base, ranks=ranks, since=now)
 
 
 # -- events -----------------------------------------------------------------------------------

@@ -147,3 +147,7 @@ def test_check_exits_78_and_print_command_hides_the_token(tmp_path: Path, capsys
     assert main(["print-command", "--config", str(good)]) == 0
     out = capsys.readouterr().out
     assert "--headless" in out and TOKEN not in out
+    assert main(["check", "--config", str(good)]) == 0
+    assert capsys.readouterr().out == (
+        f"{good}: ok (model '/m', headless rank 1 of 2, head 10.0.0.1:29501; "
+        "not yet supervised as a group)\n")

@@ -229,3 +229,14 @@ def test_status_names_the_whole_group_and_no_secret() -> None:
     assert [(r["rank"], r["phase"], r["epoch"]) for r in st["ranks"]] == [  # type: ignore[index,union-attr]
         (0, READY, 1), (1, STARTING, 1)]
     assert st["last_failure"] is None
+
+
+def test_a_restarted_head_daemon_starts_above_its_previous_epochs() -> None:
+    """A worker still running epoch 5 of the head's previous life, and its stale request about
+    epoch 5, against a head daemon restarted with a base above its old epochs."""
+    head, out = run(head_step, initial(2, 0, 0.0, epoch_base=1_700_000_000), [
+        LocalStarted(1.0), RestartAsked(2.0, 1, 5, "old")])
+    assert head.epoch == 1_700_000_001 and out[1] == []
+    _, out = run(worker_step, joined_worker(), [PeerSeen(10.0, 0, head.epoch, STARTING)])
+    assert out[0][:2] == [StopRank("group epoch moved from 1 to 1700000001"),
+                          StartRank(1_700_000_001)]
