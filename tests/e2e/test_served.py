@@ -10,6 +10,7 @@ Every case first waits until the daemon is serving, so one failure does not casc
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -141,6 +142,52 @@ def test_ready_only_once_alias_listed_and_chat_answers(served: dict[str, Any]) -
     assert r.body["usage"]["completion_tokens"] > 0
 
 
+# What STATUS names while real vLLM-CPU loads, inside `loading: nika on HOST:PORT (...)`
+# (loadprogress.py's steps; "starting vLLM" is the daemon's own word before vLLM prints
+# anything, so it does not count as progress seen).
+LOAD_STEPS = re.compile(r"\(loading: (engine starting|loading weights|shards \d+/\d+ \(\d+%\)"
+                        r"|weights loaded|KV cache|torch\.compile|warm-up|engine ready"
+                        r"|API server starting)\b")
+
+
+def test_status_shows_load_progress_and_ready_carries_the_breakdown(
+        served: dict[str, Any]) -> None:
+    """During the shared daemon's first real load, STATUS= said which step vLLM was at
+    (`loading: shards 1/1 (100%), 12s elapsed`, ...), the steps were logged in order as
+    load.progress, and vllm.ready carries the breakdown: seconds per step and vLLM's own
+    figures (weights load time, KV cache size and tokens, engine init time)."""
+    d: Supervised = served["d"]
+    ready_at: float = served["ready_at"]
+    loading = [m.get("STATUS") or "" for m in d.notify.with_key("STATUS") if m.t < ready_at]
+    steps = [s for s in loading if LOAD_STEPS.search(s)]
+    assert steps, f"no STATUS named a load step before READY=1: {loading}"
+    assert all(re.search(r"\d+s elapsed", s) for s in steps), steps
+    print(f"\nSTATUS while loading: {steps}")
+
+    progress = d.named("load.progress")
+    assert [e["step"] for e in progress if e.t < ready_at] == [e["step"] for e in progress]
+    seen = [e["step"] for e in progress]
+    assert {"engine", "weights", "shards", "kv_cache", "engine_init"} <= set(seen), seen
+    assert seen.index("engine") < seen.index("shards") < seen.index("kv_cache"), seen
+    shards = [e for e in progress if e["step"] == "shards"]
+    assert shards[-1]["shards_done"] == shards[-1]["shards_total"] >= 1, shards[-1].fields
+
+    (ready,) = d.named("vllm.ready")
+    b = ready.fields
+    load_s = float(b["load_s"])
+    assert 0 < load_s < LOAD_TIMEOUT_S, b
+    per_step = {k: float(v) for k, v in b.items()
+                if k.endswith("_s") and k[:-2] in ("spawned", "engine", "weights", "shards",
+                                                   "loaded", "kv_cache", "compile", "warmup",
+                                                   "engine_init", "server")}
+    assert {"engine_s", "shards_s", "kv_cache_s"} <= per_step.keys(), b
+    # the steps cover the load: spawn to ready, as the Observer measured it
+    assert abs(sum(per_step.values()) - load_s) < 2.0, (per_step, load_s)
+    assert b["shards"] == shards[-1]["shards_total"], b
+    assert float(b["vllm_weights_s"]) >= 0 and float(b["kv_cache_gib"]) > 0, b
+    assert int(b["kv_cache_tokens"]) > 0 and float(b["vllm_engine_init_s"]) > 0, b
+
+
 def test_engine_core_sigstop_fools_http_probes(served: dict[str, Any]) -> None:
     """With only the EngineCore stopped, /health and /v1/models still answer 200 and list the
     alias while a completion gets no answer: the HTTP liveness probes cannot see it."""
@@ -239,6 +286,10 @@ def test_sigkill_api_server_ends_orphans_before_restart(served: dict[str, Any]) 
     assert r.status == 200, r
     cause = (d.state().get("last_failure") or {}).get("cause", "")
     assert "SIGKILL" in cause, d.state()
+    # the reload's STATUS says where it is and how long the last load took
+    reloading = [m.get("STATUS") or "" for m in d.notify.with_key("STATUS")
+                 if spawned.t <= m.t < ready_at]
+    assert any(LOAD_STEPS.search(s) and "; last load took " in s for s in reloading), reloading
     print(f"\nSIGKILL -> exit seen {exited.t - t0:.2f} s, old engine and worker gone "
           f"{gone_at[0] - t0:.2f} s, new spawn {spawned.t - t0:.2f} s, READY=1 "
           f"{ready_at - t0:.1f} s")

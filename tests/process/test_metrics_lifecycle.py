@@ -174,7 +174,7 @@ def test_give_up_is_served_by_the_next_daemon_from_the_history(
     window, read back from the history, before it has started anything itself."""
     cfg, port = metrics_config(
         tmp_path, {"STANDIN_STARTUP_EXIT_CODE": "1"},
-        restart={"backoff_initial": "200ms", "backoff_max": "1s", "max_restarts": 2,
+        restart={"backoff_initial": "500ms", "backoff_max": "1s", "max_restarts": 2,
                  "window": "60s"})
     first = start_daemon(cfg)
     first.wait_event("metrics.listening", timeout=10)
