@@ -353,8 +353,11 @@ def host_snapshot() -> dict[str, Any]:
     snap["nika user"] = _has_user("nika")
     snap["host processes"] = sorted(_host_service_processes())
     parent = cgroup2_root()
+    # Only this run's namespaces (Namespace.boot names them after our pid): another session's
+    # systemd tier may boot and tear down its own at the same time on a shared machine.
+    ours = f"nika-systemd-test-{os.getpid()}-"
     snap["test cgroups"] = sorted(p.name for p in parent.iterdir()
-                                  if p.name.startswith("nika-systemd-test-")) if parent else []
+                                  if p.name.startswith(ours)) if parent else []
     return snap
 
 
