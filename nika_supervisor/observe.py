@@ -281,6 +281,13 @@ class Observer:
         """The gate's figures (issue 10), read at every scrape; None when the gate is off."""
         self.exposition.gate = source
 
+    def loading_step(self) -> str | None:
+        """The current load step without elapsed times (`shards 9/20 (45%)`): a change of it
+        is news for STATUS and the state file."""
+        with self._lock:
+            p = self._progress
+        return None if p is None else p.doing()
+
     def loading_status(self, now: float) -> str | None:
         """`loading: shards 9/20 (45%), 3m12s elapsed; last load took 8m40s`, while loading."""
         with self._lock:

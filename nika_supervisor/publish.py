@@ -87,9 +87,11 @@ class Publisher:
         self._published: tuple[object, ...] = ()
 
     def publish(self, s: State, cfg: Config, now: float, gpu_text: str = "",
-                loading: str | None = None, gate: GateStats | None = None) -> None:
+                loading: str | None = None, gate: GateStats | None = None,
+                step: str | None = None) -> None:
+        """step: the load step (no elapsed time), so each new step is published at once."""
         key = (s.phase, s.pid, s.life.restarts, s.life.last_failure, s.life.config_error,
-               s.life.dropped_lines, cfg.path, gate)
+               s.life.dropped_lines, cfg.path, gate, step)
         changed = key != self._published
         if not changed and now < self.next_refresh:
             return

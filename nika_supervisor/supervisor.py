@@ -266,7 +266,8 @@ class Supervisor:
         now = self.clock.now()
         self.publisher.publish(self.state, self.cfg, now, self._gpu_text(),
                                self.obs.loading_status(now),
-                               self.gate.stats if self.gate is not None else None)
+                               self.gate.stats if self.gate is not None else None,
+                               self.obs.loading_step())
         if self.gate is not None:
             view = gate_view(self.state, self.cfg)
             if view != self._view:

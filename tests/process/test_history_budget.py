@@ -55,3 +55,23 @@ def test_a_load_that_stops_making_progress_is_restarted(tmp_path: Path, start_da
     assert d.wait_event("restart.scheduled")["code"] == "load_stall"
     spawned = d.events_named("vllm.spawned")[0]
     assert fault.t - spawned.t < 10
+
+
+def test_each_load_step_reaches_the_state_file_at_once(tmp_path: Path, start_daemon) -> None:
+    """A new load step is news: the state file (and STATUS) show it on the next loop pass,
+    not only at a phase change or the 5 s refresh."""
+    from helpers import poll_for
+
+    cfg = write_config(tmp_path, vllm={"env": {"STANDIN_BIND_DELAY_S": "20"}},
+                       health={"load_stall": "0"})
+    d = start_daemon(cfg)
+    d.wait_event("load.progress", timeout=10)
+
+    def latest_step_in_file() -> dict | None:
+        latest = d.events_named("load.progress")[-1]["status"]  # "loading: <step>, Ns elapsed"
+        state = d.state_file() or {}
+        step = latest.split(", ")[0]
+        return state if step in str(state.get("status")) else None
+
+    state = poll_for(latest_step_in_file, 2.0, "the latest load step in the state file")
+    assert state["phase"] == "loading" and "starting vLLM" not in state["status"]
