@@ -107,10 +107,17 @@ class LocalStarted:
 @dataclass(frozen=True, slots=True)
 class LocalGone:
     """This node's rank ended or was found failed (exit, hang, GPU fault): `cause` says which.
-    Also sent after a StopRank was carried out (then it changes nothing)."""
+    Also sent after a StopRank was carried out (then it changes nothing).
+
+    `epoch` names the instance that ended: the epoch it was started for (a worker: its
+    StartRank's; the head: `state.local_epoch` right after its LocalStarted). The end of an
+    earlier instance, reported after a newer one was decided, changes nothing: without it, a
+    slow stop that finished after the next StartRank looked like the new rank dying (seen with
+    real vLLM ranks: a worker's 8 s stop caused two needless group restarts)."""
 
     now: float
     cause: str
+    epoch: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +260,9 @@ def head_step(s: GroupState, e: Event, t: Timing) -> tuple[GroupState, list[Deci
         s = replace(s, epoch=epoch, local_epoch=epoch, alias_ok=False)
         return _with_ready(s, False, f"group epoch {epoch} starting", out), out
     if isinstance(e, LocalGone):
-        if s.local_epoch is not None and s.restart_sent_for != s.epoch:
+        if e.epoch != s.local_epoch:
+            return s, out  # an earlier instance's end, or no rank at all: nothing changes
+        if s.restart_sent_for != s.epoch:
             s = replace(s, last_failure=GroupFailure(e.now, s.epoch, 0, f"rank 0: {e.cause}"))
         s = replace(s, local_epoch=None, alias_ok=False)
         return _with_ready(s, False, f"rank 0: {e.cause}", out), out
@@ -316,7 +325,9 @@ def worker_step(s: GroupState, e: Event, t: Timing) -> tuple[GroupState, list[De
     if isinstance(e, LocalStarted):
         s = replace(s, local_epoch=e.epoch)
     elif isinstance(e, LocalGone):
-        if s.local_epoch is not None:  # not a stop we decided: the rank died under us
+        # Not a stop we decided (that cleared local_epoch) nor an earlier instance's end:
+        # the rank this node runs now died under it.
+        if s.local_epoch is not None and e.epoch == s.local_epoch:
             lost = s.local_epoch
             s = replace(s, local_epoch=None, last_failure=GroupFailure(
                 e.now, lost, s.node_rank, f"rank {s.node_rank}: {e.cause}"))

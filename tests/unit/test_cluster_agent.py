@@ -5,6 +5,7 @@ as one under a new epoch, a silent worker restarts the group, a wrong token chan
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 import time
@@ -36,25 +37,35 @@ class StandInRank:
         self.agent = agent
         self.ready_changes: list[group.ReadyChanged] = []
         self.stop = threading.Event()
+        self.running: int | None = None  # the epoch the running instance was started for
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
+
+    def start_head(self) -> None:
+        self.agent.feed(group.LocalStarted(time.monotonic()))
+        self.running = self.agent.state.local_epoch
+        self.agent.feed(group.AliasAnswered(time.monotonic(), True))
+
+    def die(self, cause: str) -> None:
+        assert self.running is not None
+        epoch, self.running = self.running, None
+        self.agent.feed(group.LocalGone(time.monotonic(), cause, epoch))
 
     def _run(self) -> None:
         a = self.agent
         while not self.stop.is_set():
             try:
                 d = a.decisions.get(timeout=0.05)
-            except Exception:
+            except queue.Empty:
                 continue
-            now = time.monotonic()
             if isinstance(d, group.RestartGroup):  # the head: stop and start again
-                a.feed(group.LocalGone(now, "stopped"))
-                a.feed(group.LocalStarted(time.monotonic()))
-                a.feed(group.AliasAnswered(time.monotonic(), True))
+                self.die("stopped")
+                self.start_head()
             elif isinstance(d, group.StartRank):
-                a.feed(group.LocalStarted(now, d.epoch))
-            elif isinstance(d, group.StopRank):
-                a.feed(group.LocalGone(now, "stopped"))
+                self.running = d.epoch
+                a.feed(group.LocalStarted(time.monotonic(), d.epoch))
+            elif isinstance(d, group.StopRank) and self.running is not None:
+                self.die("stopped")
             elif isinstance(d, group.ReadyChanged):
                 self.ready_changes.append(d)
 
@@ -86,15 +97,14 @@ def formed(head: ClusterAgent, worker: ClusterAgent, epoch: int) -> bool:
 
 def test_the_group_forms_and_restarts_as_one(pair) -> None:
     head, worker, head_rank, worker_rank = pair
-    head.feed(group.LocalStarted(time.monotonic()))  # the daemon starts the head's rank
-    head.feed(group.AliasAnswered(time.monotonic(), True))
+    head_rank.start_head()  # the daemon starts the head's rank
     poll_for(lambda: formed(head, worker, 1), 10, "the group to form at epoch 1")
     st = worker.status()
     assert (st["pid"], st["phase"], st["epoch"]) == (1234, group.READY, 1)
 
     # The worker's rank dies: the worker asks, the head restarts the group under epoch 2,
     # the worker follows; both READY again, and both name the failure.
-    worker.feed(group.LocalGone(time.monotonic(), "exited (SIGKILL)"))
+    worker_rank.die("exited (SIGKILL)")
     poll_for(lambda: formed(head, worker, 2), 10, "the group to re-form at epoch 2")
     failure = head.state.last_failure
     assert failure is not None and (failure.epoch, failure.rank, failure.cause) == (
@@ -107,9 +117,8 @@ def test_the_group_forms_and_restarts_as_one(pair) -> None:
 
 
 def test_a_silent_worker_restarts_the_group(pair) -> None:
-    head, worker, _, _ = pair
-    head.feed(group.LocalStarted(time.monotonic()))
-    head.feed(group.AliasAnswered(time.monotonic(), True))
+    head, worker, head_rank, _ = pair
+    head_rank.start_head()
     poll_for(lambda: formed(head, worker, 1), 10, "the group to form at epoch 1")
     worker.stop()  # its endpoint and poller are gone: the head hears nothing more
     poll_for(lambda: head.state.epoch == 2, 10, "the head to restart the group")
@@ -119,9 +128,8 @@ def test_a_silent_worker_restarts_the_group(pair) -> None:
 
 
 def test_a_wrong_token_changes_nothing(pair) -> None:
-    head, worker, _, _ = pair
-    head.feed(group.LocalStarted(time.monotonic()))
-    head.feed(group.AliasAnswered(time.monotonic(), True))
+    head, worker, head_rank, _ = pair
+    head_rank.start_head()
     poll_for(lambda: formed(head, worker, 1), 10, "the group to form at epoch 1")
     intruder = ControlClient(Token(b"guess"), connect_timeout=0.5, deadline=0.5)
     assert isinstance(intruder.ask_restart(head.server.address, 1, 1, "x"), PeerError)

@@ -58,7 +58,7 @@ def formed_head(now: float = 0.0) -> GroupState:
 def test_head_bumps_the_epoch_on_every_start() -> None:
     s, _ = run(head_step, initial(2, 0, 0.0), [LocalStarted(1.0)])
     assert (s.epoch, s.phase) == (1, STARTING)
-    s, _ = run(head_step, s, [LocalGone(2.0, "exited (SIGKILL)"), LocalStarted(3.0)])
+    s, _ = run(head_step, s, [LocalGone(2.0, "exited (SIGKILL)", 1), LocalStarted(3.0)])
     assert (s.epoch, s.phase) == (2, STARTING)
     assert s.last_failure is not None and s.last_failure.cause == "rank 0: exited (SIGKILL)"
 
@@ -79,7 +79,7 @@ def test_head_is_ready_only_when_every_rank_joined_and_the_alias_answers() -> No
     assert waiting[-1] == []  # rank 2 never joined: no ready, and no restart for it either
     # A worker that reports an older epoch has not joined this one.
     s2, out2 = run(head_step, initial(2, 0, 0.0), [
-        LocalStarted(1.0), LocalGone(2.0, "exited"), LocalStarted(3.0),
+        LocalStarted(1.0), LocalGone(2.0, "exited", 1), LocalStarted(3.0),
         AliasAnswered(4.0, True), PeerSeen(5.0, 1, 1, STARTING)])
     assert not s2.ready and out2[-1] == []
 
@@ -98,13 +98,13 @@ def test_a_worker_reporting_its_rank_gone_restarts_the_group_once() -> None:
     assert (s.last_failure.rank, s.last_failure.epoch, s.last_failure.cause) == (
         1, 1, "rank 1: exited (SIGKILL)")
     # The daemon stops and restarts rank 0: that failure does not overwrite the cause.
-    s, out = run(head_step, s, [LocalGone(12.0, "stopped"), LocalStarted(13.0)])
+    s, out = run(head_step, s, [LocalGone(12.0, "stopped", 1), LocalStarted(13.0)])
     assert s.epoch == 2 and s.last_failure.cause == "rank 1: exited (SIGKILL)"
 
 
 def test_a_stale_restart_request_is_ignored() -> None:
     s = formed_head()
-    s, out = run(head_step, s, [LocalGone(5.0, "exited"), LocalStarted(6.0),
+    s, out = run(head_step, s, [LocalGone(5.0, "exited", 1), LocalStarted(6.0),
                                 RestartAsked(7.0, 1, 1, "old epoch's rank gone")])
     assert s.epoch == 2 and out[-1] == []
 
@@ -141,7 +141,7 @@ def test_a_partition_at_start_is_waited_for_not_looped_on() -> None:
     s = formed_head()
     s, out = run(head_step, s, [Tick(17.1)])  # link down: restart
     assert isinstance(out[0][0], RestartGroup)
-    s, out = run(head_step, s, [LocalGone(18.0, "stopped"), LocalStarted(19.0),
+    s, out = run(head_step, s, [LocalGone(18.0, "stopped", 1), LocalStarted(19.0),
                                 Tick(40.0), Tick(80.0), AliasAnswered(81.0, False)])
     assert all(d == [] for d in out[2:]) and s.epoch == 2 and not s.ready
     s, out = run(head_step, s, [PeerSeen(90.0, 1, 2, STARTING), AliasAnswered(91.0, True)])
@@ -187,7 +187,7 @@ def test_a_worker_restarts_its_rank_when_the_epoch_changes() -> None:
 
 def test_a_worker_whose_rank_dies_asks_the_head_once() -> None:
     s = joined_worker()
-    s, out = run(worker_step, s, [LocalGone(10.0, "exited (SIGKILL)"),
+    s, out = run(worker_step, s, [LocalGone(10.0, "exited (SIGKILL)", 1),
                                   PeerSeen(11.0, 0, 1, READY)])
     assert out[0] == [AskGroupRestart(1, "exited (SIGKILL)"),
                       ReadyChanged(False, "not in a formed group (head: ready, epoch 1)")]
@@ -209,7 +209,7 @@ def test_a_worker_stops_its_rank_when_the_head_is_unreachable_and_rejoins_later(
     assert out[1] == [StopRank("the head unreachable for 15s"),
                       ReadyChanged(False, "not in a formed group (head: unreachable, epoch 1)")]
     assert s.phase == DOWN
-    s, out = run(worker_step, s, [LocalGone(19.0, "stopped"),  # our own stop: no request
+    s, out = run(worker_step, s, [LocalGone(19.0, "stopped", 1),  # our own stop: no request
                                   PeerSeen(60.0, 0, 2, STARTING)])
     assert out == [[], [StartRank(2)]]
 
@@ -217,7 +217,7 @@ def test_a_worker_stops_its_rank_when_the_head_is_unreachable_and_rejoins_later(
 def test_a_stopped_stop_is_not_a_failure() -> None:
     s = joined_worker()
     s, out = run(worker_step, s, [RestartAsked(5.0, 0, 1, "rank 0: exited"),
-                                  LocalGone(6.0, "stopped")])
+                                  LocalGone(6.0, "stopped", 1)])
     assert out[0][0] == StopRank("the head restarts the group (epoch 1)")
     assert out[1] == [] and s.last_failure is None
 
@@ -240,3 +240,22 @@ def test_a_restarted_head_daemon_starts_above_its_previous_epochs() -> None:
     _, out = run(worker_step, joined_worker(), [PeerSeen(10.0, 0, head.epoch, STARTING)])
     assert out[0][:2] == [StopRank("group epoch moved from 1 to 1700000001"),
                           StartRank(1_700_000_001)]
+
+
+def test_a_slow_stop_that_ends_after_the_next_start_is_not_a_death() -> None:
+    """Seen with real vLLM ranks: the worker's old rank took 8 s to stop; meanwhile its poller
+    saw the head starting the new epoch and decided StartRank; the old instance's end, reported
+    then, must not read as the new rank dying (it caused two needless group restarts)."""
+    s = joined_worker()
+    s, out = run(worker_step, s, [
+        PeerSeen(10.0, 0, 2, STARTING),  # epoch moved: stop 1, start 2
+        LocalGone(18.0, "stopped", 1),  # the old instance's stop finishes only now
+        LocalStarted(18.1, 2),
+    ])
+    assert out[0][:2] == [StopRank("group epoch moved from 1 to 2"), StartRank(2)]
+    assert out[1] == [] and out[2] == [] and s.last_failure is None and s.local_epoch == 2
+    # The head alike: an earlier instance's end while a newer one runs changes nothing.
+    h = formed_head()
+    h, out = run(head_step, h, [LocalGone(5.0, "stopped", 1), LocalStarted(6.0),
+                                LocalGone(7.0, "stopped", 1)])
+    assert h.epoch == 2 and h.local_epoch == 2 and out[2] == []
