@@ -21,7 +21,7 @@ BAND = (70, 130)  # phase band, y top and bottom
 TEMP = (200, 360)
 MEM = (420, 580)
 COLORS = {
-    "ready": "#2e7d32", "unhealthy": "#f9a825", "loading": "#1e88e5", "starting": "#90caf9",
+    "ready": "#2e7d32", "unhealthy": "#fdd835", "loading": "#1e88e5", "starting": "#90caf9",
     "backoff": "#fb8c00", "stopping": "#8e24aa", "failed": "#c62828", "stopped": "#757575",
     DOWN: "#212121", UNKNOWN: "#e0e0e0",
 }
@@ -43,12 +43,41 @@ def _tick_label(t: float, span: float) -> str:
         "%m-%d %H:%M")
 
 
+def view(r: Report) -> tuple[float, float]:
+    """The time span drawn: the report's window, less a leading stretch that no history
+    covers (a 48-hour report of a daemon installed two hours ago draws those two hours)."""
+    segs = r.timeline
+    if len(segs) > 1 and segs[0].state == UNKNOWN:
+        return segs[0].end, r.until
+    return r.since, r.until
+
+
+def _subtitle(r: Report, since: float) -> str:
+    if since <= r.since:
+        return ""
+    return f" (no history before {_tick_label(since, r.until - since)} UTC)"
+
+
+def _label_rows(xs: Sequence[float], widths: Sequence[float], rows: int) -> list[int]:
+    """A row for each label at xs (pixels, in order), the first whose last label ends before
+    it starts; all rows taken: the row that frees up first."""
+    ends = [float("-inf")] * rows
+    out = []
+    for x0, w in zip(xs, widths, strict=True):
+        row = next((i for i, e in enumerate(ends) if e < x0), min(range(rows),
+                                                                 key=ends.__getitem__))
+        ends[row] = x0 + w + 4
+        out.append(row)
+    return out
+
+
 def svg(r: Report, title: str = "nika-vllm") -> str:
-    span = max(r.until - r.since, 1.0)
+    since, until = view(r)
+    span = max(until - since, 1.0)
     plot_w = WIDTH - LEFT - RIGHT
 
     def x(t: float) -> float:
-        return LEFT + plot_w * (min(max(t, r.since), r.until) - r.since) / span
+        return LEFT + plot_w * (min(max(t, since), until) - since) / span
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
            f'viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">',
@@ -56,7 +85,7 @@ def svg(r: Report, title: str = "nika-vllm") -> str:
     avail = "" if r.availability is None else f": {100 * r.availability:.2f} % ready"
     out.append(f'<text x="{LEFT}" y="24" font-size="16" font-weight="bold">'
                f'{escape(title)}{avail}, {len(r.outages)} outage(s), '
-               f'{len(r.restarts)} restart(s)</text>')
+               f'{len(r.restarts)} restart(s){escape(_subtitle(r, since))}</text>')
     # phase bands
     for s in r.timeline:
         x0, x1 = x(s.start), x(s.end)
@@ -65,9 +94,11 @@ def svg(r: Report, title: str = "nika-vllm") -> str:
                    f'fill="{COLORS.get(s.state, "#bdbdbd")}"><title>{escape(s.state)}</title>'
                    f'</rect>')
     # restarts: a mark through the band, the cause above it (staggered so neighbours differ)
-    for i, (t, code, cause) in enumerate(r.restarts):
+    rows = _label_rows([x(t) for t, _, _ in r.restarts],
+                       [6.0 * len(code) for _, code, _ in r.restarts], 3)
+    for (t, code, cause), row in zip(r.restarts, rows, strict=True):
         xt = x(t)
-        ly = BAND[0] - 8 - 12 * (i % 2)
+        ly = BAND[0] - 6 - 11 * row
         out.append(f'<line class="restart" x1="{xt:.1f}" x2="{xt:.1f}" y1="{ly + 2}" '
                    f'y2="{BAND[1]}" stroke="#c62828" stroke-width="1.5"/>')
         out.append(f'<text x="{xt + 2:.1f}" y="{ly}" fill="#c62828" font-size="10">'
@@ -77,7 +108,8 @@ def svg(r: Report, title: str = "nika-vllm") -> str:
                    f'font-size="10">gave up<title>{escape(why)}</title></text>')
     # legend
     lx = LEFT
-    for state in [s for s in COLORS if any(seg.state == s for seg in r.timeline)]:
+    for state in [s for s in COLORS if any(seg.state == s and seg.end > since
+                                           for seg in r.timeline)]:
         out.append(f'<rect x="{lx}" y="{BAND[1] + 22}" width="10" height="10" '
                    f'fill="{COLORS[state]}"/><text x="{lx + 14}" y="{BAND[1] + 31}">'
                    f'{state}</text>')
@@ -86,7 +118,7 @@ def svg(r: Report, title: str = "nika-vllm") -> str:
     mems = [(t, v / 1024**3) for t, _, v in r.gpu_samples if v is not None]
     out += _chart(temps, TEMP, x, "GPU temperature (C)", "#e65100")
     out += _chart(mems, MEM, x, "GPU memory used (GiB)", "#1565c0")
-    for t in _ticks(r.since, r.until):
+    for t in _ticks(since, until):
         xt = x(t)
         out.append(f'<line x1="{xt:.1f}" x2="{xt:.1f}" y1="{MEM[1]}" y2="{MEM[1] + 5}" '
                    f'stroke="black"/><text x="{xt:.1f}" y="{MEM[1] + 18}" '
@@ -129,45 +161,68 @@ def png(r: Report, path: str, title: str = "nika-vllm") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
     dpi = 100
     fig, (ax_band, ax_temp, ax_mem) = plt.subplots(
         3, 1, figsize=(WIDTH / dpi, HEIGHT / dpi), dpi=dpi, sharex=True,
         gridspec_kw={"height_ratios": [1, 2, 2]})
+    since, until = view(r)
 
-    def to_h(t: float) -> float:  # hours before the end
-        return (t - r.until) / 3600.0
+    def d(t: float) -> datetime:
+        return datetime.fromtimestamp(t, UTC)
 
     for s in r.timeline:
-        ax_band.axvspan(to_h(s.start), to_h(s.end), color=COLORS.get(s.state, "#bdbdbd"),
-                        label=s.state)
-    for i, (t, code, _cause) in enumerate(r.restarts):
-        ax_band.axvline(to_h(t), color="#c62828", linewidth=1)
-        ax_band.text(to_h(t), 1.02 + 0.25 * (i % 2), code, color="#c62828", fontsize=7,
+        if s.end <= since:
+            continue
+        ax_band.axvspan(d(max(s.start, since)), d(s.end), color=COLORS.get(s.state, "#bdbdbd"),
+                        label=s.state, linewidth=0)
+    # restart marks, their cause codes above the band in up to three rows that do not overlap
+    left, right = 0.07, 0.98
+    px = WIDTH * (right - left) / max(until - since, 1.0)
+    rows = _label_rows([(t - since) * px for t, _, _ in r.restarts],
+                       [5.2 * len(code) for _, code, _ in r.restarts], 3)
+    for (t, code, _cause), row in zip(r.restarts, rows, strict=True):
+        ax_band.axvline(d(t), color="#c62828", linewidth=1)
+        ax_band.text(d(t), 1.04 + 0.22 * row, code, color="#c62828", fontsize=7,
                      transform=ax_band.get_xaxis_transform())
     for t, _code, _why in r.give_ups:
-        ax_band.text(to_h(t), -0.3, "gave up", color="#c62828", fontsize=7,
+        ax_band.text(d(t), -0.3, "gave up", color="#c62828", fontsize=7,
                      transform=ax_band.get_xaxis_transform())
     handles, labels = ax_band.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
-    ax_band.legend(unique.values(), unique.keys(), loc="upper left", ncol=6, fontsize=7,
-                   bbox_to_anchor=(0, -0.05))
+    ax_band.legend(unique.values(), unique.keys(), loc="upper left", ncol=9, fontsize=7,
+                   bbox_to_anchor=(0, -0.05), frameon=False)
     ax_band.set_yticks([])
     avail = "" if r.availability is None else f": {100 * r.availability:.2f} % ready"
     ax_band.set_title(f"{title}{avail}, {len(r.outages)} outage(s), "
-                      f"{len(r.restarts)} restart(s)", loc="left", pad=28)
-    temps = [(to_h(t), v) for t, v, _ in r.gpu_samples if v is not None]
-    mems = [(to_h(t), v / 1024**3) for t, _, v in r.gpu_samples if v is not None]
+                      f"{len(r.restarts)} restart(s){_subtitle(r, since)}", loc="left", pad=40)
+    temps = [(d(t), v) for t, v, _ in r.gpu_samples if v is not None]
+    mems = [(d(t), v / 1024**3) for t, _, v in r.gpu_samples if v is not None]
     for ax, pts, label, color in ((ax_temp, temps, "GPU temperature (C)", "#e65100"),
                                   (ax_mem, mems, "GPU memory used (GiB)", "#1565c0")):
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, linewidth=1)
+            ax.grid(alpha=0.3)
+        else:  # gpu.nvml off, or no GPU: say so rather than draw an empty 0..1 axis
+            ax.set_yticks([])
+            ax.text(0.5, 0.5, "no GPU samples in this window", transform=ax.transAxes,
+                    ha="center", va="center", color="#757575", fontsize=10)
         ax.set_ylabel(label, fontsize=8)
-        ax.grid(alpha=0.3)
-    ax_mem.set_xlim(to_h(r.since), 0)
-    ax_mem.set_xlabel("hours before " + datetime.fromtimestamp(r.until, UTC)
-                      .strftime("%Y-%m-%d %H:%M UTC"))
-    fig.subplots_adjust(left=0.07, right=0.98, top=0.9, bottom=0.08, hspace=0.35)
+    ax_mem.set_xlim(d(since), d(until))
+    span = until - since  # ticks: at most 10, on round minutes or hours
+    step = next((m for m in (1, 2, 5, 10, 15, 30, 60, 120, 180, 360, 720)
+                 if span / 60 / m <= 10), None)
+    if step is None:
+        ax_mem.xaxis.set_major_locator(mdates.DayLocator(tz=UTC))
+    elif step < 60:
+        ax_mem.xaxis.set_major_locator(mdates.MinuteLocator(range(0, 60, step), tz=UTC))
+    else:
+        ax_mem.xaxis.set_major_locator(mdates.HourLocator(range(0, 24, step // 60), tz=UTC))
+    ax_mem.xaxis.set_major_formatter(mdates.DateFormatter(
+        "%H:%M" if span <= 86400 else "%m-%d %H:%M", tz=UTC))
+    ax_mem.set_xlabel(f"UTC, {d(since):%Y-%m-%d %H:%M} to {d(until):%Y-%m-%d %H:%M}")
+    fig.subplots_adjust(left=left, right=right, top=0.86, bottom=0.08, hspace=0.35)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
