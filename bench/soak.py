@@ -32,7 +32,8 @@ The soak's own checks (exit 1 if any fails):
 - the daemon's RSS (VmRSS, every 30 s): the median of the last three samples is within
   RSS_GROWTH_KB of the median of the first three;
 - availability: the report's (`nika-supervisor report --json`) and the served availability
-  (a 1-token completion every 2 s answered within 2 s) against the ideal,
+  (a 1-token completion sent every 2 s on a fixed schedule, answered within 2 s) against
+  the ideal,
   1 - (sum of injected downtime + load time) / duration, where the injected downtime of one
   fault is what the fault costs before any supervisor may act under the configured rules
   (docs/BENCHMARKS.md "Soak" defines it per kind; `ideal_downtime_s` below). The soak
@@ -101,16 +102,18 @@ def ideal_downtime_s(kind: str) -> float:
     ideal supervisor then restarts at once, no backoff, and the load follows)."""
     if kind in ("sigkill", "exit0"):
         return 0.0  # the server is gone: an exit is seen at once
-    if kind in ("hang", "slow_long"):
+    if kind == "hang":
         # failure_threshold consecutive failed probes, one interval apart, the first failing
         # `timeout` after the fault: (threshold - 1) x interval + timeout
         return (THRESHOLD - 1) * INTERVAL + TIMEOUT
     if kind == "frozen":
-        # only a canary can see it: on average half a canary_interval until the next one is
-        # sent, then canary_timeout for it to time out
-        return CANARY_EVERY / 2 + CANARY_TIMEOUT
-    if kind == "slow_brief":
-        return SLOW_BRIEF_S  # no restart: requests are late (not lost) while it lasts
+        # only a canary can see it, and under traffic (the soak's client) it is sent
+        # canary_interval after the last progress, then waits canary_timeout
+        return CANARY_EVERY + CANARY_TIMEOUT
+    if kind in ("slow_long", "slow_brief"):
+        # only /health is slow: completions are answered on time, a client sees nothing (the
+        # restart that slow_long earns costs a load, counted with the loads)
+        return 0.0
     raise ValueError(kind)
 
 
@@ -305,6 +308,15 @@ class Soak:
                              "consistent": ok, "agrees_with_state": agrees,
                              "scrape_s": round(t1 - t0, 3)})
 
+    def _serve_loop(self) -> None:
+        """serve_probe on a fixed schedule, SERVE_EVERY apart whatever each one takes (a
+        probe that times out must not stretch the cadence and so weigh less)."""
+        nxt = time.monotonic()
+        while not self.stop_flag.is_set():
+            threading.Thread(target=self.serve_probe, daemon=True).start()
+            nxt += SERVE_EVERY
+            self.stop_flag.wait(max(0.0, nxt - time.monotonic()))
+
     def serve_probe(self) -> None:
         """A client: a 1-token completion through the alias, answered within 2 s or not."""
         req = urllib.request.Request(
@@ -317,7 +329,8 @@ class Soak:
                 ok = r.status == 200 and bool(json.loads(r.read()).get("choices"))
         except (OSError, ValueError):
             ok = False
-        self.served.append((t, ok))
+        with self.lock:
+            self.served.append((t, ok))
 
     # -- faults ----------------------------------------------------------------------------
 
@@ -374,7 +387,7 @@ class Soak:
                         raise RuntimeError("/metrics never answered") from None
                     time.sleep(0.1)
             self._every(SCRAPE_EVERY, self.scrape)
-            self._every(SERVE_EVERY, self.serve_probe)
+            threading.Thread(target=self._serve_loop, daemon=True).start()
             if not self.wait_ready(60):
                 raise RuntimeError("the daemon never became ready")
             self._every(RSS_EVERY, self.sample_rss)  # RSS from the first READY on
@@ -464,8 +477,8 @@ class Soak:
         loads = [float(r["load_s"]) for r in hist if r["kind"] == "load"]
         injected = sum(ideal_downtime_s(f.kind) for f in self.faults)
         ideal = 1 - (injected + sum(loads)) / duration
-        served_ok = [ok for t, ok in self.served]
-        served = sum(served_ok) / len(served_ok) if served_ok else None
+        served_ok = [ok for t, ok in sorted(self.served)]
+        served = sum(served_ok) / len(served_ok) if served_ok else None  # one every 2 s
         report = self.report_json()
         avail = report.get("availability")
         floor = ideal - MAX_OVERHEAD_S * len(restarts) / duration
@@ -489,7 +502,7 @@ class Soak:
             "injected_downtime_s": round(injected, 2), "ideal_availability": round(ideal, 5),
             "report_availability": avail,
             "served_availability": None if served is None else round(served, 5),
-            "served_probes": len(served_ok),
+            "served_probes": len(served_ok), "served_failed": served_ok.count(False),
             "rss_kb": {"start": rss_start, "end": rss_end, "min": min(rss, default=0),
                        "max": max(rss, default=0), "samples": len(rss)},
             "scrapes": len(self.scrapes), "scrapes_bad": len(bad),
