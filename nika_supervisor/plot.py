@@ -215,13 +215,14 @@ def png(r: Report, path: str, title: str = "nika-vllm") -> None:
     step = next((m for m in (1, 2, 5, 10, 15, 30, 60, 120, 180, 360, 720)
                  if span / 60 / m <= 10), None)
     if step is None:
-        ax_mem.xaxis.set_major_locator(mdates.DayLocator(tz=UTC))
+        ax_mem.xaxis.set_major_locator(mdates.DayLocator(tz=UTC))  # type: ignore[no-untyped-call]
     elif step < 60:
-        ax_mem.xaxis.set_major_locator(mdates.MinuteLocator(range(0, 60, step), tz=UTC))
+        ax_mem.xaxis.set_major_locator(mdates.MinuteLocator(range(0, 60, step), tz=UTC))  # type: ignore[no-untyped-call]
     else:
-        ax_mem.xaxis.set_major_locator(mdates.HourLocator(range(0, 24, step // 60), tz=UTC))
-    ax_mem.xaxis.set_major_formatter(mdates.DateFormatter(
-        "%H:%M" if span <= 86400 else "%m-%d %H:%M", tz=UTC))
+        ax_mem.xaxis.set_major_locator(mdates.HourLocator(range(0, 24, step // 60), tz=UTC))  # type: ignore[no-untyped-call]
+    fmt = "%H:%M" if span <= 86400 else "%m-%d %H:%M"
+    ax_mem.xaxis.set_major_formatter(
+        mdates.DateFormatter(fmt, tz=UTC))  # type: ignore[no-untyped-call]
     ax_mem.set_xlabel(f"UTC, {d(since):%Y-%m-%d %H:%M} to {d(until):%Y-%m-%d %H:%M}")
     fig.subplots_adjust(left=left, right=right, top=0.86, bottom=0.08, hspace=0.35)
     fig.savefig(path, dpi=dpi)
