@@ -140,9 +140,9 @@ class OutputDropped:
 
 @dataclass(frozen=True, slots=True)
 class LoadStalled:
-    """vLLM's loading lines showed no new shard or step for health.load_stall."""
+    """vLLM's loading lines showed no new shard or step for health.load_stall. It is about
+    the current load: the Observer starts a new one at every spawn."""
 
-    pid: int
     failure: Failure
 
 

@@ -377,7 +377,7 @@ class Policy:
             case Drained() if isinstance(rec, Stopping) and rec.draining:
                 return self._terminate(s, now, acts)  # the gate logged gate.drained
 
-            case LoadStalled(pid=pid) if isinstance(rec, Loading) and pid == rec.pid:
+            case LoadStalled() if isinstance(rec, Loading):
                 return self._fault(s, now, ev.failure, acts)
 
             case OutputDropped(count=count) if count > 0:

@@ -245,9 +245,8 @@ class Supervisor:
             assert self.notifier.watchdog_interval is not None
             self._next_watchdog = now + self.notifier.watchdog_interval
         stall = self.obs.tick(now)
-        if stall is not None and self.state.pid is not None:
-            self._feed(LoadStalled(self.state.pid, Failure(stall.cause, stall.hint,
-                                                           code=stall.code)))
+        if stall is not None:  # the policy decides what it means in the current phase
+            self._feed(LoadStalled(Failure(stall.cause, stall.hint, code=stall.code)))
         child = self.child
         if child is not None and child.pump.dropped > self._dropped_seen:
             count, self._dropped_seen = child.pump.dropped - self._dropped_seen, child.pump.dropped

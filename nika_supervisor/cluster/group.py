@@ -1,5 +1,8 @@
 """The group policy: when a vLLM group across nodes restarts, and when it is READY (issue 12).
 
+About 400 lines, one piece: the head's and the worker's steps answer each other (epochs,
+restarts, READY), and reading them side by side is how the protocol is checked.
+
 Pure: no I/O, no clock. The daemon feeds events (each carries `now`) into `head_step` or
 `worker_step` with the current state and carries out the decisions it gets back. States,
 events and decisions are small frozen dataclasses, so a scripted history is a test.

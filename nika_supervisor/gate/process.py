@@ -1,6 +1,9 @@
 """The daemon's side of the gate: bind the public sockets once, run the gate as a child
 process that inherits them, feed it the upstream view, respawn it if it dies.
 
+About 420 lines, one piece: the sockets, the child's life (spawn, ping, respawn) and the
+control channel share one lock and one view of the child, so they stay together.
+
 Why a child process (docs/ARCHITECTURE.md, "The gate"): heavy streaming is CPU work (parsing,
 copying, TLS-less but still per-chunk syscalls) that, in the daemon's own interpreter, would
 compete for the GIL with the loop that feeds systemd's watchdog. A child has its own
