@@ -20,11 +20,8 @@ fake meminfo, a fake NVML and a short probe timeout.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -33,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from nika_supervisor import checkpoint as ckpt
-from nika_supervisor import procs
+from nika_supervisor import interpreter, procs
 from nika_supervisor.command import MARKER_ENV, build_env, marker_value
 from nika_supervisor.config import Config, load_config
 from nika_supervisor.durations import parse_size
@@ -50,10 +47,9 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
 # (NVIDIA DGX Spark known issues, "reporting memory resources with unified memory
 # architecture"; NVIDIA/xr-ai#440; MiaAI-Lab/GLM-5.3-Flash-EXL3-2x-DGX-Sparks#47).
 UNIFIED_UTILIZATION_WARN = 0.87
-PROBE_MARK = "NIKA-DOCTOR "
-PROBE_SCRIPT = f"""
+PROBE_SCRIPT = interpreter.DIST_VERSION_SNIPPET + f"""
 import json, sys
-out = {{"python": sys.version.split()[0]}}
+out = {{"python": sys.version.split()[0], "vllm_dist": _dist_version()}}
 try:
     import vllm
     out["vllm"] = getattr(vllm, "__version__", "unknown")
@@ -71,7 +67,7 @@ else:
         out["archs"] = sorted(ModelRegistry.get_supported_archs())
     except BaseException as e:
         out["archs_error"] = f"{{type(e).__name__}}: {{e}}"
-print({PROBE_MARK!r} + json.dumps(out), flush=True)
+print({interpreter.MARK!r} + json.dumps(out), flush=True)
 """
 
 
@@ -150,33 +146,8 @@ def check_config(path: str) -> tuple[Check, Config | None]:
 
 
 def run_probe(python: str, env: Mapping[str, str], timeout: float) -> dict[str, Any]:
-    """Ask vllm.python what it has. Runs in its own session; on timeout the whole group
-    is killed (vLLM's import can spawn helpers)."""
-    # Not the orphan marker: a running daemon would take the probe for its own orphan.
-    probe_env = {k: v for k, v in env.items() if k not in ("VLLM_API_KEY", MARKER_ENV)}
-    try:  # cwd "/": a ./vllm source tree in the caller's directory must not shadow the venv's
-        proc = subprocess.Popen([python, "-c", PROBE_SCRIPT], env=probe_env, cwd="/",
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
-    except OSError as e:
-        return {"failed": f"cannot run {python}: {e.strerror}"}
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the probe's own session: pgid == its pid
-        proc.communicate()
-        return {"failed": f"{python} did not answer within {timeout:g}s"}
-    for line in out.decode("utf-8", "replace").splitlines():
-        if line.startswith(PROBE_MARK):
-            try:
-                result: dict[str, Any] = json.loads(line[len(PROBE_MARK):])
-                return result
-            except ValueError:
-                break
-    tail = [ln for ln in err.decode("utf-8", "replace").splitlines() if ln.strip()][-1:]
-    return {"failed": f"{python} exited with status {proc.returncode}"
-                      + (f": {tail[0].strip()}" if tail else "")}
+    """Ask vllm.python what it has (interpreter.ask: own session, killed at the timeout)."""
+    return interpreter.ask(python, PROBE_SCRIPT, env, timeout)
 
 
 def check_vllm(f: _Facts) -> Check:
