@@ -128,10 +128,30 @@ class Exit:
     reason: str | None = field(default=None, compare=False)
 
 
+@dataclass(frozen=True, slots=True)
+class RankStarted:
+    """Cluster: tell the group policy this node's rank was spawned (worker: for `epoch`)."""
+
+    epoch: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RankGone:
+    """Cluster: tell the group policy this node's rank ended or failed, and why."""
+
+    cause: str
+    epoch: int | None  # a worker's: the epoch it was started for; the head's: None (current)
+
+
+@dataclass(frozen=True, slots=True)
+class AliasAnswered:
+    """Cluster head: tell the group policy the alias answered (READY waits for the group)."""
+
+
 Action = (
     Preflight | Spawn | SignalGroup | Drain | CheckGroup | StartProbe | RunDeep | Diagnose
     | SampleGpu | LoadConfig | ApplyConfig | NotifyReady | NotifyReloading | NotifyStopping
-    | ExtendTimeout | Log | Exit
+    | ExtendTimeout | Log | Exit | RankStarted | RankGone | AliasAnswered
 )
 
 

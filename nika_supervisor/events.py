@@ -25,6 +25,9 @@ class Boot:
     gpu: bool = False  # the GPU monitor is running (gpu.sample, residency, GPU findings)
     gpu_finding: Failure | None = None  # what starting NVML found, if anything
     gate_failure: Failure | None = None  # the gate could not bind its public addresses
+    # The cluster agent could not start: no token (code cluster.token), or its control
+    # address cannot be bound (cluster.bind).
+    cluster_failure: Failure | None = None
     # The restart budget read back from the history (a crash loop slows down across daemon
     # restarts): restart times on this clock, the backoff exponent, the backoff still owed.
     restart_log: tuple[float, ...] = ()
@@ -183,10 +186,41 @@ class ConfigRejected:
     errors: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class GroupFailed:
+    """Cluster head: the group policy restarts the group (a rank died, hung, was lost)."""
+
+    failure: Failure
+    rank: int
+
+
+@dataclass(frozen=True, slots=True)
+class RankStart:
+    """Cluster worker: the head's group `epoch` is starting; start this node's rank for it."""
+
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class RankStop:
+    """Cluster worker: the group this node's rank belonged to is gone; stop the rank."""
+
+    cause: str
+
+
+@dataclass(frozen=True, slots=True)
+class GroupReady:
+    """The group policy's READY changed (head: every rank joined and the alias answers;
+    worker: its rank is in the head's READY epoch)."""
+
+    ready: bool
+    reason: str
+
+
 Event = (
     Boot | Tick | PreflightResult | Spawned | SpawnFailed | ServerUp | ReadyProbe | LiveProbe
     | ChildExited | Diagnosed | GroupGone | GpuReport | GpuSampled | MetricsRead | Generated
     | OutputDropped | LoadStalled | Drained | StopRequested | RestartRequested
-    | ReloadRequested | ConfigLoaded
-    | ConfigRejected
+    | ReloadRequested | ConfigLoaded | ConfigRejected | GroupFailed | RankStart | RankStop
+    | GroupReady
 )

@@ -23,6 +23,7 @@ class Then(StrEnum):
     BACKOFF = "backoff"
     RESTART_NOW = "restart-now"  # a planned restart (reload): no backoff, no budget
     EXIT = "exit"
+    WAIT = "wait"  # a cluster worker: wait for the head's next group (WAITING)
 
 
 class Unset(StrEnum):
@@ -46,6 +47,7 @@ class Loading:
     probe_in_flight: bool = False
     probe_again: bool = False  # vLLM said it is up while a probe was out: probe again at once
     server_up_at: float | None = None  # when vLLM printed that its HTTP server is up
+    answered: bool = False  # cluster head: the alias answered; READY waits for the group
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +85,17 @@ class Done:  # FAILED and STOPPED
     exit_code: int
 
 
-Record = Starting | Loading | Serving | Stopping | Backoff | Done
+@dataclass(frozen=True, slots=True)
+class Waiting:  # a cluster worker with no rank
+    pass
+
+
+Record = Starting | Loading | Serving | Stopping | Backoff | Done | Waiting
 
 RECORD_OF: dict[Phase, type] = {
     Phase.STARTING: Starting, Phase.LOADING: Loading, Phase.READY: Serving,
     Phase.UNHEALTHY: Serving, Phase.STOPPING: Stopping, Phase.BACKOFF: Backoff,
-    Phase.FAILED: Done, Phase.STOPPED: Done,
+    Phase.FAILED: Done, Phase.STOPPED: Done, Phase.WAITING: Waiting,
 }
 
 
@@ -111,6 +118,11 @@ class Life:
     dropped_lines: int = 0  # vLLM output lines the log pump dropped, since the daemon started
     logged_dropped: int = 0  # how many of them vllm.output_dropped has reported
     next_dropped_log: float = 0.0
+    # A vLLM group across nodes (issue 12). group_ready: the group policy says the group is
+    # formed (always True on a single node). rank_epoch: a worker's epoch to start its rank
+    # for (from the head), None while it has none to start.
+    group_ready: bool = True
+    rank_epoch: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

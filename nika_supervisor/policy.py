@@ -34,6 +34,7 @@ from typing import Any
 from nika_supervisor import deep
 from nika_supervisor.actions import (
     Action,
+    AliasAnswered,
     ApplyConfig,
     CheckGroup,
     Diagnose,
@@ -45,6 +46,8 @@ from nika_supervisor.actions import (
     NotifyReloading,
     NotifyStopping,
     Preflight,
+    RankGone,
+    RankStarted,
     RunDeep,
     SampleGpu,
     SignalGroup,
@@ -68,12 +71,16 @@ from nika_supervisor.events import (
     Generated,
     GpuReport,
     GpuSampled,
+    GroupFailed,
     GroupGone,
+    GroupReady,
     LiveProbe,
     LoadStalled,
     MetricsRead,
     OutputDropped,
     PreflightResult,
+    RankStart,
+    RankStop,
     ReadyProbe,
     ReloadRequested,
     RestartRequested,
@@ -107,6 +114,7 @@ from nika_supervisor.lifecycle import (
     State,
     Stopping,
     Then,
+    Waiting,
 )
 from nika_supervisor.states import (
     RUNNING_PHASES,
@@ -126,6 +134,8 @@ EXTEND_BY_S = 20.0  # ... by this much, so a hung daemon still times out its sta
 DROPPED_LOG_EVERY_S = 60.0  # vllm.output_dropped at most this often
 DRAIN_GRACE_S = 5.0  # past gate.drain_timeout, stop waiting for the gate's answer
 
+SINGLE, HEAD, WORKER = "single", "head", "worker"  # Policy.role
+
 
 @dataclass(frozen=True, slots=True)
 class Policy:
@@ -134,15 +144,18 @@ class Policy:
     gpu: GpuConfig = field(default_factory=GpuConfig)
     jitter: Callable[[], float] = field(default=lambda: 0.5)
     drain_timeout: float | None = None  # gate.drain_timeout; None: no gate, nothing to drain
+    role: str = SINGLE  # SINGLE, or in a vLLM group across nodes HEAD or WORKER (issue 12)
 
     @classmethod
     def from_config(cls, cfg: Any, jitter: Callable[[], float] = lambda: 0.5) -> Policy:
         return cls(cfg.health, cfg.restart, cfg.gpu, jitter).with_config(cfg)
 
     def with_config(self, cfg: Any) -> Policy:
-        gate = getattr(cfg, "gate", None)
+        gate, cluster = getattr(cfg, "gate", None), getattr(cfg, "cluster", None)
+        role = SINGLE if cluster is None else HEAD if cluster.is_head else WORKER
         return replace(self, health=cfg.health, restart=cfg.restart, gpu=cfg.gpu,
-                       drain_timeout=gate.drain_timeout if gate is not None else None)
+                       drain_timeout=gate.drain_timeout if gate is not None else None,
+                       role=role)
 
     # -- moves ------------------------------------------------------------------------------
 
@@ -173,6 +186,8 @@ class Policy:
             return self._rec(s, then=then, exit_code=code, backoff_s=backoff_s)
         if not isinstance(rec, Loading | Serving):
             return self._after_stop(s, then, code, backoff_s, now, reason, acts)
+        if self.role != SINGLE:  # the group hears of it before the rank is even gone
+            acts.append(RankGone(reason, s.life.rank_epoch if self.role == WORKER else None))
         pid = rec.pid
         planned = then is Then.RESTART_NOW or (then is Then.EXIT and code == ExitCode.OK)
         if planned and isinstance(rec, Serving) and self.drain_timeout is not None:
@@ -205,6 +220,8 @@ class Policy:
             return self._goto(s, final, Done(code), now, reason, acts)
         if then is Then.RESTART_NOW:
             return self._start(s, now, reason, acts)
+        if then is Then.WAIT:
+            return self._goto(s, Phase.WAITING, Waiting(), now, reason, acts)
         return self._goto(s, Phase.BACKOFF, Backoff(now + backoff_s), now, reason, acts)
 
     def _give_up(self, s: State, now: float, failure: Failure, code: int, reason: str,
@@ -219,9 +236,16 @@ class Policy:
     def _fail(self, s: State, now: float, failure: Failure, acts: list[Action]) -> State:
         """A failure of the current vLLM (or of a start): a restart, or giving up."""
         s = self._life(s, last_failure=failure)
+        if self.role != SINGLE and isinstance(s.rec, Starting):  # a start that never ran
+            acts.append(RankGone(failure.cause, s.life.rank_epoch))
         if failure.severity in GIVE_UP_EXIT:
             return self._give_up(s, now, failure, GIVE_UP_EXIT[failure.severity],
                                  failure.cause, acts)
+        if self.role == WORKER:
+            # No restart of its own: the group policy has told the head, which restarts the
+            # whole group (its restart budget counts it); this rank starts with the next one.
+            s = self._stop(s, now, Then.WAIT, ExitCode.OK, failure.cause, acts)
+            return self._life(s, rank_epoch=None)
         recent = in_window(s.life.restart_log, now, self.restart.window)
         if len(recent) >= self.restart.max_restarts:
             why = (f"{len(recent) + 1} failures within {format_duration(self.restart.window)} "
@@ -260,6 +284,10 @@ class Policy:
                 if ev.gate_failure is not None:
                     return self._give_up(s, now, ev.gate_failure, BUDGET_SPENT_EXIT,
                                          ev.gate_failure.cause, acts)
+                if ev.cluster_failure is not None:  # no token is a configuration error
+                    f = ev.cluster_failure
+                    code = ExitCode.CONFIG if f.code == "cluster.token" else BUDGET_SPENT_EXIT
+                    return self._give_up(s, now, f, code, f.cause, acts)
                 if ev.gpu_finding is not None:
                     s = self._report(s, ev.gpu_finding, now, acts)
                 if s.phase is not Phase.STARTING:
@@ -311,10 +339,16 @@ class Policy:
                                     "a reboot may be needed", code="orphans")
                         return self._fail(s, now, f, acts)
                     return self._rec(s, wake_at=now + PREFLIGHT_RETRY_S)
+                if self.role == WORKER and s.life.rank_epoch is None:
+                    return self._goto(s, Phase.WAITING, Waiting(), now,
+                                      "waiting for the head's group to start", acts)
                 acts.append(Spawn())
                 return self._rec(s, wake_at=None)
 
             case Spawned(pid=pid) if isinstance(rec, Starting):
+                if self.role != SINGLE:
+                    acts.append(RankStarted(s.life.rank_epoch if self.role == WORKER else None))
+                    s = self._life(s, group_ready=False)
                 return self._goto(s, Phase.LOADING, Loading(pid, now, now), now, "spawned",
                                   acts)
 
@@ -380,6 +414,20 @@ class Policy:
             case LoadStalled() if isinstance(rec, Loading):
                 return self._fault(s, now, ev.failure, acts)
 
+            case GroupFailed(failure=failure) if p in RUNNING_PHASES:
+                acts.append(log("cluster.group_restart", "error", reason=failure.cause,
+                                rank=ev.rank, hint=failure.hint))
+                return self._fail(s, now, failure, acts)
+
+            case RankStart(epoch=epoch):
+                return self._rank_start(s, epoch, now, acts)
+
+            case RankStop(cause=cause):
+                return self._rank_stop(s, cause, now, acts)
+
+            case GroupReady():
+                return self._group_ready(s, ev, now, acts)
+
             case OutputDropped(count=count) if count > 0:
                 s = self._life(s, dropped_lines=s.life.dropped_lines + count)
                 return self._report_dropped(s, now, acts)
@@ -390,6 +438,11 @@ class Policy:
 
     def _restart(self, s: State, now: float, reason: str, acts: list[Action]) -> State:
         rec = s.rec
+        if s.phase in RUNNING_PHASES and self.role == WORKER:
+            # A worker's rank restarts only with its group: the head hears that it is gone
+            # and restarts the group, which starts this rank again.
+            s = self._stop(s, now, Then.WAIT, ExitCode.OK, reason, acts)
+            return self._life(s, rank_epoch=None)
         if s.phase in RUNNING_PHASES:
             return self._stop(s, now, Then.RESTART_NOW, ExitCode.OK, reason, acts)
         if isinstance(rec, Backoff):
@@ -425,6 +478,15 @@ class Policy:
             up = rec.server_up_at
             poll = FAST_POLL_S if up is not None and now - up < FAST_POLL_FOR_S else READY_POLL_S
             return self._rec(s, probe_in_flight=False, next_probe_at=now + poll)
+        if self.role == HEAD:  # READY also needs every rank in the group (GroupReady)
+            acts.append(AliasAnswered())
+            s = self._rec(s, probe_in_flight=False, answered=True)
+            return self._ready(s, replace(rec, answered=True), now, acts) \
+                if s.life.group_ready else s
+        return self._ready(s, rec, now, acts)
+
+    def _ready(self, s: State, rec: Loading, now: float, acts: list[Action],
+               reason: str = "model listed") -> State:
         acts.append(log("vllm.ready", pid=rec.pid, load_s=round(now - rec.spawned_at, 3),
                         restarts=s.life.restarts))
         acts.append(NotifyReady())
@@ -432,12 +494,12 @@ class Policy:
                        last_load_s=now - rec.spawned_at)
         serving = Serving(rec.pid, rec.spawned_at, now, now + self.health.interval,
                           DeepState.fresh(self.health))
-        return self._goto(s, Phase.READY, serving, now, "model listed", acts)
+        return self._goto(s, Phase.READY, serving, now, reason, acts)
 
     def _live(self, s: State, rec: Serving, ev: LiveProbe, now: float,
               acts: list[Action]) -> State:
         if ev.ok:
-            if s.phase is Phase.UNHEALTHY:
+            if s.phase is Phase.UNHEALTHY and s.life.group_ready:
                 acts.append(log("health.recovered", after_failures=rec.failures))
                 return self._goto(s, Phase.READY, replace(rec, failures=0), now, "probe ok",
                                   acts)
@@ -492,6 +554,51 @@ class Policy:
         s = self._fail(s, now, failure, acts)
         if isinstance(s.rec, Stopping) and s.rec.pid == ask.pid:
             s = self._rec(s, child_exited=True)
+        return s
+
+    # -- a vLLM group across nodes (issue 12; the group policy is cluster/group.py) ---------
+
+    def _rank_start(self, s: State, epoch: int, now: float, acts: list[Action]) -> State:
+        """Worker: the head's group `epoch` starts; this node's rank joins it."""
+        rec = s.rec
+        if self.role != WORKER or s.phase in RUNNING_PHASES or s.phase in TERMINAL_PHASES:
+            return s
+        acts.append(log("cluster.rank_start", epoch=epoch))
+        s = self._life(s, rank_epoch=epoch)
+        if isinstance(rec, Waiting | Backoff):
+            return self._start(s, now, f"group epoch {epoch} starting", acts)
+        if isinstance(rec, Stopping) and rec.then is not Then.EXIT:
+            return self._rec(s, then=Then.RESTART_NOW)
+        return s  # STARTING: the preflight under way spawns for this epoch
+
+    def _rank_stop(self, s: State, cause: str, now: float, acts: list[Action]) -> State:
+        """Worker: the group this rank belonged to is gone (or its head is unreachable)."""
+        rec = s.rec
+        if self.role != WORKER or s.phase in TERMINAL_PHASES:
+            return s
+        s = self._life(s, rank_epoch=None)
+        if s.phase in RUNNING_PHASES:
+            acts.append(log("cluster.rank_stop", "warning", reason=cause))
+            return self._stop(s, now, Then.WAIT, ExitCode.OK, cause, acts)
+        if isinstance(rec, Stopping) and rec.then is Then.RESTART_NOW:
+            return self._rec(s, then=Then.WAIT)
+        return s  # STARTING: the preflight under way ends in WAITING
+
+    def _group_ready(self, s: State, ev: GroupReady, now: float, acts: list[Action]) -> State:
+        if self.role == SINGLE or ev.ready == s.life.group_ready:
+            return s
+        acts.append(log("cluster.ready", "info" if ev.ready else "warning", ready=ev.ready,
+                        reason=ev.reason))
+        s = self._life(s, group_ready=ev.ready)
+        rec = s.rec
+        if isinstance(rec, Loading) and ev.ready and (self.role == WORKER or rec.answered):
+            return self._ready(s, rec, now, acts, f"group: {ev.reason}")
+        if not isinstance(rec, Serving):
+            return s
+        if s.phase is Phase.READY and not ev.ready:
+            return self._goto(s, Phase.UNHEALTHY, rec, now, f"group: {ev.reason}", acts)
+        if s.phase is Phase.UNHEALTHY and ev.ready and rec.failures == 0:
+            return self._goto(s, Phase.READY, rec, now, f"group: {ev.reason}", acts)
         return s
 
     # -- the GPU ------------------------------------------------------------------------------
@@ -571,7 +678,7 @@ class Policy:
                                 "raise health.startup_timeout if the model loads slowly; "
                                 "otherwise see vLLM's output above", code="startup_timeout")
                     return self._fail(s, now, f, acts)
-                if not rec.probe_in_flight and now >= rec.next_probe_at:
+                if self._probing(rec) and now >= rec.next_probe_at:
                     acts.append(StartProbe("ready", rec.pid))
                     return self._rec(s, probe_in_flight=True)
             case Serving():
@@ -580,7 +687,14 @@ class Policy:
                 return self._tick_stopping(s, rec, now, acts)
         return s
 
+    def _probing(self, rec: Loading) -> bool:
+        """Whether a readiness probe is due at rec.next_probe_at: a worker serves no API
+        (nothing to probe), and a head whose alias answered waits for its group."""
+        return self.role != WORKER and not rec.probe_in_flight and not rec.answered
+
     def _tick_serving(self, s: State, rec: Serving, now: float, acts: list[Action]) -> State:
+        if self.role == WORKER:
+            return s  # no API to probe: its group's READY and the GPU watch it
         healthy_s = now - rec.ready_at
         if s.life.attempt and healthy_s >= self.restart.healthy_after:
             acts.append(log("restart.backoff_reset", healthy_s=round(healthy_s, 1)))
@@ -639,9 +753,9 @@ class Policy:
                 times.append(rec.wake_at)
             case Loading():
                 times.append(rec.spawned_at + self.health.startup_timeout)
-                if not rec.probe_in_flight:
+                if self._probing(rec):
                     times.append(rec.next_probe_at)
-            case Serving():
+            case Serving() if self.role != WORKER:
                 times += [rec.next_probe_at, deep.deadline(rec.deep, self.health)]
                 if life.attempt:
                     times.append(rec.ready_at + self.restart.healthy_after)

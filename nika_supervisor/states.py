@@ -14,6 +14,7 @@ class Phase(StrEnum):
     BACKOFF = "backoff"  # waiting before the next start
     FAILED = "failed"  # gave up; the daemon is exiting non-zero
     STOPPED = "stopped"  # stopped on request; the daemon is exiting 0
+    WAITING = "waiting"  # a cluster worker with no rank: waiting for the head's group to start
 
 
 # vLLM has a live process group in these phases.
@@ -27,12 +28,18 @@ TERMINAL_PHASES = frozenset({Phase.FAILED, Phase.STOPPED})
 
 # Every move the policy may make. STARTING -> FAILED/STOPPED/BACKOFF: a start refused before
 # any process exists (a foreign GPU holder, a fatal GPU at boot, a stop during preflight).
+# WAITING is a cluster worker's only: it starts its rank when the head's group starts
+# (STARTING), and goes back to WAITING when its rank stops or fails (the head restarts the
+# group; a worker has no backoff of its own).
 ALLOWED: dict[Phase, frozenset[Phase]] = {
-    Phase.STARTING: frozenset({Phase.LOADING, Phase.BACKOFF, Phase.FAILED, Phase.STOPPED}),
+    Phase.STARTING: frozenset({Phase.LOADING, Phase.BACKOFF, Phase.WAITING, Phase.FAILED,
+                               Phase.STOPPED}),
     Phase.LOADING: frozenset({Phase.READY, Phase.STOPPING}),
     Phase.READY: frozenset({Phase.UNHEALTHY, Phase.STOPPING}),
     Phase.UNHEALTHY: frozenset({Phase.READY, Phase.STOPPING}),
-    Phase.STOPPING: frozenset({Phase.BACKOFF, Phase.STARTING, Phase.FAILED, Phase.STOPPED}),
+    Phase.STOPPING: frozenset({Phase.BACKOFF, Phase.STARTING, Phase.WAITING, Phase.FAILED,
+                               Phase.STOPPED}),
+    Phase.WAITING: frozenset({Phase.STARTING, Phase.FAILED, Phase.STOPPED}),
     Phase.BACKOFF: frozenset({Phase.STARTING, Phase.FAILED, Phase.STOPPED}),
     Phase.FAILED: frozenset(),
     Phase.STOPPED: frozenset(),

@@ -23,6 +23,7 @@ import os
 import queue
 import random
 import signal
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from nika_supervisor import command, probes, procs
 from nika_supervisor.actions import (
     Action,
+    AliasAnswered,
     ApplyConfig,
     CheckGroup,
     Diagnose,
@@ -42,6 +44,8 @@ from nika_supervisor.actions import (
     NotifyReloading,
     NotifyStopping,
     Preflight,
+    RankGone,
+    RankStarted,
     RunDeep,
     SampleGpu,
     SignalGroup,
@@ -51,6 +55,11 @@ from nika_supervisor.actions import (
 )
 from nika_supervisor.child import Child
 from nika_supervisor.clock import Clock, MonotonicClock
+from nika_supervisor.cluster import group
+from nika_supervisor.cluster.agent import ClusterAgent
+from nika_supervisor.cluster.bridge import group_text, node_event
+from nika_supervisor.cluster.identity import node_identity
+from nika_supervisor.cluster.token import Token
 from nika_supervisor.config import Config, load_config
 from nika_supervisor.diagnosis import Diagnoser
 from nika_supervisor.errors import ConfigError, SpawnError
@@ -90,6 +99,7 @@ from nika_supervisor.gate import (
 )
 from nika_supervisor.gpu import GpuMonitor
 from nika_supervisor.gpuwatch import GpuWatch, MonitorFactory
+from nika_supervisor.history import default_state_dir
 from nika_supervisor.lifecycle import State
 from nika_supervisor.log import LEVELS, configure, get_logger, render_output
 from nika_supervisor.metrics import parse_metrics
@@ -102,6 +112,7 @@ from nika_supervisor.statefile import default_runtime_dir
 DRAIN_WAIT_S = 0.1  # before a diagnosis, wait this long at most for the child's last lines
 # vLLM's API server prints these once it accepts connections (uvicorn's startup lines).
 SERVER_UP_MARKERS = ("Application startup complete", "Uvicorn running on")
+CLUSTER_POLL_S = 2.0  # each node's poll of its peers' control endpoints (a small GET)
 
 Spawner = Callable[..., Child]
 
@@ -123,7 +134,8 @@ class Supervisor:
         self.environ = dict(os.environ if environ is None else environ)
         self.notifier = notifier or Notifier(self.environ)
         self.log = get_logger()
-        self.inbox: queue.SimpleQueue[Event | _Signal | GateEvent] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Event | _Signal | GateEvent | group.Decision] = \
+            queue.SimpleQueue()
         self.state = State()
         self.child: Child | None = None
         self.final: Exit | None = None
@@ -139,6 +151,8 @@ class Supervisor:
         self.diagnoser = Diagnoser.load()
         self.gpu: GpuWatch | None = None
         self.gate: GateProcess | None = None
+        self.agent: ClusterAgent | None = None
+        self._identity: dict[str, str | None] = {}
         self._view: UpstreamView | None = None
         self.policy = Policy.from_config(cfg, jitter)
         # Load progress, the history and /metrics (issue 11): fed every event and output line.
@@ -181,6 +195,7 @@ class Supervisor:
                       notify=self.notifier.enabled, runtime_dir=self.publisher.runtime_dir)
         budget = self.obs.start(self.clock.now())
         gate_failure = self._start_gate()
+        cluster_failure = self._start_cluster()
         runs, finding = False, None
         if self.cfg.gpu.nvml != "off":
             self.gpu = GpuWatch(self.cfg.gpu, self.cfg.vllm.env_dict, self.inbox.put, self.log,
@@ -190,6 +205,7 @@ class Supervisor:
                 self.gpu = None
         now = self.clock.now()
         self._feed(Boot(gpu=runs, gpu_finding=finding, gate_failure=gate_failure,
+                        cluster_failure=cluster_failure,
                         restart_log=budget.restart_log(now), attempt=budget.attempt,
                         delay_s=budget.delay_s))
 
@@ -210,6 +226,40 @@ class Supervisor:
         self.obs.set_gate(lambda: GateReading(held=gate.stats.held,
                                               in_flight=gate.stats.in_flight))
         return None
+
+    def _start_cluster(self) -> Failure | None:
+        """With `cluster:`, start this node's side of the group protocol: the control endpoint
+        on this node's cluster address, the poller, the group policy (cluster/agent.py)."""
+        c = self.cfg.cluster
+        if c is None:
+            return None
+        try:
+            token = Token.from_file(c.token_file)
+        except (OSError, ValueError) as e:
+            return Failure(f"cannot read cluster.token_file {c.token_file}: "
+                           f"{getattr(e, 'strerror', None) or e}",
+                           "create it with the same secret on every node (README, Two "
+                           "Sparks)", code="cluster.token")
+        epoch_file = os.path.join(default_state_dir(self.cfg.supervisor.state_dir, self.environ),
+                                  "cluster-epoch")
+        try:
+            agent = ClusterAgent(c, token, self.clock.now, poll_interval=CLUSTER_POLL_S,
+                                 extra_status=self._cluster_extra, emit=self.inbox.put,
+                                 epoch_file=epoch_file)
+        except OSError as e:
+            host, port = c.control_address
+            return Failure(f"the cluster control endpoint cannot listen on {host}:{port}: "
+                           f"{e.strerror}", "cluster.peers[node_rank] must be an address of "
+                           "this node, and its port free (ss -ltnp)", code="cluster.bind")
+        # The vLLM version takes a second to read (its interpreter): off the loop.
+        threading.Thread(target=lambda: self._identity.update(node_identity(self.cfg)),
+                         name="cluster-identity", daemon=True).start()
+        self.agent = agent.start()
+        return None
+
+    def _cluster_extra(self) -> dict[str, object]:
+        """What GET /cluster/status adds to the group view (doctor compares it across nodes)."""
+        return {**self._identity, "pid": self.state.pid, "supervisor_phase": str(self.state.phase)}
 
     def timeout(self) -> float:
         """How long the loop may block: until the policy's next deadline, the watchdog or
@@ -237,6 +287,13 @@ class Supervisor:
                 self._feed(Drained(item.in_flight_left, item.waited_s, item.timed_out))
             case GateStarted() | GateExited():
                 pass  # the gate logs these; it respawns itself on the same sockets
+            case group.Note(event=event, level=level):
+                self._log(event, level, dict(item.fields))
+            case (group.RestartGroup() | group.StartRank() | group.StopRank()
+                  | group.ReadyChanged() | group.AskGroupRestart()):
+                ev = node_event(item)
+                if ev is not None:
+                    self._feed(ev)
             case _:
                 self._feed(item)
         now = self.clock.now()
@@ -312,6 +369,12 @@ class Supervisor:
                 self.notifier.stopping(self.status_text())
             case ExtendTimeout(seconds=seconds):
                 self.notifier.extend_timeout(seconds)
+            case RankStarted(epoch=epoch) if self.agent is not None:
+                self.agent.rank_started(epoch)
+            case RankGone(cause=cause, epoch=epoch) if self.agent is not None:
+                self.agent.rank_gone(cause, epoch)
+            case AliasAnswered() if self.agent is not None:
+                self.agent.alias_answered(True)
             case Exit():
                 self.final = a
         return None
@@ -328,7 +391,9 @@ class Supervisor:
             for o in orphans:
                 procs.signal_pid(o.pid, signal.SIGKILL)
             return PreflightResult(orphans_pending=True)
-        busy = procs.port_holder(self.cfg.vllm.host, self.cfg.vllm.port)
+        # A headless cluster worker listens on no API port.
+        busy = (procs.port_holder(self.cfg.vllm.host, self.cfg.vllm.port)
+                if command.serves_api(self.cfg) else None)
         if busy:
             return PreflightResult(blocked=Failure(
                 busy, f"another program holds the port: ss -ltnp 'sport = :{self.cfg.vllm.port}'",
@@ -409,6 +474,8 @@ class Supervisor:
         if self.gate is not None:
             g = self.gate.stats
             parts.append(f"gate: {g.in_flight} in flight, {g.held} held, {g.rejected} rejected")
+        if self.agent is not None:
+            parts.append(group_text(self.agent.status()))
         return "; ".join(p for p in parts if p)
 
     def status_text(self) -> str:
@@ -438,6 +505,8 @@ class Supervisor:
             self.gpu.close()
         if self.child is not None:
             self.child.pump.close(timeout=1.0)
+        if self.agent is not None:  # the head tells its workers their group is gone
+            self.agent.stop()
         if self.gate is not None:  # last: the public sockets stay open until vLLM is gone
             self.gate.close()
         final = self.final or Exit(1)

@@ -1,10 +1,11 @@
 """One node's side of the group protocol, with its I/O: the control endpoint, the poller, and
 the policy state behind one lock. What the daemon wires (docs/ARCHITECTURE.md, "Multi-node"):
 
-- it calls `feed()` with what happens to its own vLLM rank (LocalStarted, LocalGone, and on the
-  head AliasAnswered);
-- it drains `decisions` (a queue) and carries out the local ones: RestartGroup (a failure of
-  its vLLM with that cause, through its restart policy), StartRank, StopRank, ReadyChanged;
+- it tells the agent what happens to its own vLLM rank: `rank_started`, `rank_gone`,
+  `alias_answered` (LocalStarted, LocalGone, AliasAnswered);
+- it gets the local decisions through `emit` (by default the `decisions` queue) and hands them
+  to its policy as events (cluster/bridge.py): RestartGroup (a failure of its vLLM with that
+  cause, through its restart policy), StartRank, StopRank, ReadyChanged, and the Notes to log;
 - `status()` is the group view for STATUS.
 
 The agent itself does the network: it serves GET /cluster/status and POST /cluster/restart,
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from nika_supervisor.cluster import group
@@ -37,7 +40,9 @@ class ClusterAgent:
     def __init__(self, cfg: ClusterConfig, token: Token, clock: Callable[[], float], *,
                  timing: group.Timing | None = None, poll_interval: float = 5.0,
                  client: ControlClient | None = None, epoch_base: int = 0,
-                 extra_status: Callable[[], dict[str, Any]] = dict) -> None:
+                 extra_status: Callable[[], dict[str, Any]] = dict,
+                 emit: Callable[[group.Decision], None] | None = None,
+                 epoch_file: str | None = None) -> None:
         self.cfg = cfg
         self.clock = clock
         self.timing = timing or group.Timing()
@@ -45,6 +50,10 @@ class ClusterAgent:
         self.client = client or ControlClient(token)
         self.extra_status = extra_status
         self.decisions: queue.Queue[group.Decision] = queue.Queue()
+        self._emit = emit or self.decisions.put
+        self._epochs = EpochStore(epoch_file) if epoch_file and cfg.is_head else None
+        if self._epochs is not None:
+            epoch_base = max(epoch_base, self._epochs.load())
         self._lock = threading.Lock()
         self._state = group.initial(cfg.nnodes, cfg.node_rank, clock(), epoch_base)
         self._step = group.head_step if cfg.is_head else group.worker_step
@@ -62,9 +71,31 @@ class ClusterAgent:
         return self
 
     def stop(self) -> None:
+        """Stop serving and polling. The head first tells every worker that its group is gone
+        (each stops its rank at once instead of after the unreachable deadline)."""
         self._stop.set()
+        if self.cfg.is_head:
+            self._tell_workers(self.state.epoch, "the head's supervisor stopped")
         self.server.stop()
         self._poller.join(self.client.deadline * 2 + self.poll_interval)
+
+    def rank_started(self, epoch: int | None) -> None:
+        """This node's vLLM rank was spawned (a worker: for `epoch`; the head bumps its own)."""
+        self.feed(group.LocalStarted(self.clock(), epoch or 0))
+        if self._epochs is not None:
+            self._epochs.save(self.state.epoch)
+
+    def rank_gone(self, cause: str, epoch: int | None) -> None:
+        """This node's rank ended or failed. `epoch` names the instance (a worker's StartRank
+        epoch); None: the one running now (the head's ranks never overlap in time)."""
+        if epoch is None:
+            epoch = self.state.local_epoch
+            if epoch is None:
+                return
+        self.feed(group.LocalGone(self.clock(), cause, epoch))
+
+    def alias_answered(self, ok: bool) -> None:
+        self.feed(group.AliasAnswered(self.clock(), ok))
 
     @property
     def state(self) -> group.GroupState:
@@ -79,8 +110,14 @@ class ClusterAgent:
     def feed(self, event: group.Event) -> list[group.Decision]:
         """Step the policy; local decisions go to `decisions`, network ones are sent here."""
         with self._lock:
-            old_epoch = self._state.epoch
+            old_epoch, old_local = self._state.epoch, self._state.local_epoch
             self._state, out = self._step(self._state, event, self.timing)
+            lost_head = (self.cfg.is_head and old_local is not None
+                         and self._state.local_epoch is None)
+        if lost_head and isinstance(event, group.LocalGone):
+            # The head's rank is gone: tell the workers now rather than at their next poll.
+            threading.Thread(target=self._tell_workers, args=(old_epoch, event.cause),
+                             name="cluster-tell", daemon=True).start()
         for d in out:
             if isinstance(d, group.AskGroupRestart):
                 self._pending_ask = d
@@ -90,7 +127,7 @@ class ClusterAgent:
                     # Off this thread: it may be a request handler whose peer awaits a reply.
                     threading.Thread(target=self._tell_workers, args=(old_epoch, d.cause),
                                      name="cluster-tell", daemon=True).start()
-                self.decisions.put(d)
+                self._emit(d)
         return out
 
     # -- the network's side ---------------------------------------------------------------
@@ -143,3 +180,30 @@ class ClusterAgent:
                 or phase not in (group.DOWN, group.STARTING, group.READY)):
             return group.PeerFailed(now, rank, "bad status: epoch or phase missing")
         return group.PeerSeen(now, rank, epoch, str(phase))
+
+
+class EpochStore:
+    """The head's last epoch, kept across daemon restarts: a new head daemon must never reuse
+    an epoch of its previous life, or a worker whose rank still runs that old epoch would take
+    the new group for its own. The file lives in supervisor.state_dir (systemd's
+    StateDirectory); no file yet means the first life (0); an unreadable one falls back to the
+    wall clock in seconds, above any counter a real group reaches."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def load(self) -> int:
+        try:
+            return int(self.path.read_text().strip())
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError):
+            return int(time.time())
+
+    def save(self, epoch: int) -> None:
+        try:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(f"{epoch}\n")
+            tmp.replace(self.path)
+        except OSError:
+            pass  # the next load falls back to the wall clock

@@ -208,7 +208,21 @@ class ReadyChanged:
     reason: str
 
 
-Decision = RestartGroup | StartRank | StopRank | AskGroupRestart | ReadyChanged
+@dataclass(frozen=True, slots=True)
+class Note:
+    """Log `event` with `fields`: what the group policy saw (a new epoch, a peer lost or back,
+    a restart asked for). The daemon logs it like its own events."""
+
+    event: str
+    level: str
+    fields: tuple[tuple[str, object], ...] = ()
+
+
+def note(event: str, level: str = "info", **fields: object) -> Note:
+    return Note(event, level, tuple(fields.items()))
+
+
+Decision = RestartGroup | StartRank | StopRank | AskGroupRestart | ReadyChanged | Note
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,15 +256,28 @@ def _with_ready(s: GroupState, ready: bool, reason: str,
     return _own(s)
 
 
-def _peer_seen(s: GroupState, e: PeerSeen) -> GroupState:
+def _peer_seen(s: GroupState, e: PeerSeen, out: list[Decision]) -> GroupState:
+    if s.ranks[e.rank].phase == UNREACHABLE:
+        out.append(note("cluster.peer_back", rank=e.rank,
+                        silent_s=round(_silent_for(s, e.rank, e.now), 1), epoch=e.epoch,
+                        phase=e.phase))
     return _set_rank(s, e.rank, phase=e.phase, epoch=e.epoch, last_seen=e.now, error=None)
 
 
-def _peer_failed(s: GroupState, e: PeerFailed, t: Timing) -> GroupState:
+def _peer_failed(s: GroupState, e: PeerFailed, t: Timing, out: list[Decision]) -> GroupState:
     s = _set_rank(s, e.rank, error=e.error)
-    if _silent_for(s, e.rank, e.now) >= t.unreachable_after:
-        s = _set_rank(s, e.rank, phase=UNREACHABLE)
-    return s
+    return _mark_unreachable(s, e.rank, e.now, t, out)
+
+
+def _mark_unreachable(s: GroupState, rank: int, now: float, t: Timing,
+                      out: list[Decision]) -> GroupState:
+    """A peer silent past the deadline becomes UNREACHABLE (logged once, when it does)."""
+    silent = _silent_for(s, rank, now)
+    if s.ranks[rank].phase == UNREACHABLE or silent < t.unreachable_after:
+        return s
+    out.append(note("cluster.peer_unreachable", "warning", rank=rank, silent_s=round(silent, 1),
+                    error=s.ranks[rank].error))
+    return _set_rank(s, rank, phase=UNREACHABLE)
 
 
 # -- the head ---------------------------------------------------------------------------------
@@ -261,6 +288,7 @@ def head_step(s: GroupState, e: Event, t: Timing) -> tuple[GroupState, list[Deci
     if isinstance(e, LocalStarted):
         epoch = s.epoch + 1
         s = replace(s, epoch=epoch, local_epoch=epoch, alias_ok=False)
+        out.append(note("cluster.epoch", epoch=epoch))
         return _with_ready(s, False, f"group epoch {epoch} starting", out), out
     if isinstance(e, LocalGone):
         if e.epoch != s.local_epoch:
@@ -272,18 +300,17 @@ def head_step(s: GroupState, e: Event, t: Timing) -> tuple[GroupState, list[Deci
     if isinstance(e, AliasAnswered):
         s = replace(s, alias_ok=e.ok and s.local_epoch is not None)
     elif isinstance(e, PeerSeen):
-        s = _peer_seen(s, e)
+        s = _peer_seen(s, e, out)
         if (e.epoch == s.epoch and e.phase == DOWN and s.local_epoch is not None
                 and s.ready):
             s, out = _restart(s, e.now, e.rank, f"rank {e.rank}: reports its rank down", out)
     elif isinstance(e, PeerFailed):
-        s = _peer_failed(s, e, t)
+        s = _peer_failed(s, e, t, out)
     elif isinstance(e, RestartAsked) and e.epoch == s.epoch and s.local_epoch is not None:
         s, out = _restart(s, e.now, e.rank, f"rank {e.rank}: {e.cause}", out)
     now = e.now
     for v in s.ranks[1:]:
-        if v.phase != UNREACHABLE and _silent_for(s, v.rank, now) >= t.unreachable_after:
-            s = _set_rank(s, v.rank, phase=UNREACHABLE)
+        s = _mark_unreachable(s, v.rank, now, t, out)
     # Only a rank that had joined this epoch restarts it by going silent: one that never
     # joined (a partition at start) is waited for, and joins when it comes back; restarting
     # for it would loop once per deadline for as long as the link is down.
@@ -335,20 +362,20 @@ def worker_step(s: GroupState, e: Event, t: Timing) -> tuple[GroupState, list[De
             s = replace(s, local_epoch=None, last_failure=GroupFailure(
                 e.now, lost, s.node_rank, f"rank {s.node_rank}: {e.cause}"))
             if lost == s.epoch and s.restart_sent_for != lost:
+                out.append(note("cluster.restart_asked", "warning", epoch=lost, cause=e.cause))
                 out.append(AskGroupRestart(lost, e.cause))
                 s = replace(s, restart_sent_for=lost)
     elif isinstance(e, PeerSeen) and e.rank == 0:
-        s = _peer_seen(s, e)
+        s = _peer_seen(s, e, out)
         s = replace(s, epoch=e.epoch)
         s = _follow_head(s, e.phase, out)
     elif isinstance(e, PeerFailed) and e.rank == 0:
-        s = _peer_failed(s, e, t)
+        s = _peer_failed(s, e, t, out)
     elif (isinstance(e, RestartAsked) and e.rank == 0 and s.local_epoch is not None
           and e.epoch >= s.local_epoch):
         out.append(StopRank(f"the head restarts the group (epoch {e.epoch})"))
         s = replace(s, local_epoch=None)
-    if s.ranks[0].phase != UNREACHABLE and _silent_for(s, 0, e.now) >= t.unreachable_after:
-        s = _set_rank(s, 0, phase=UNREACHABLE)
+    s = _mark_unreachable(s, 0, e.now, t, out)
     if s.ranks[0].phase == UNREACHABLE and s.local_epoch is not None:
         silent = int(_silent_for(s, 0, e.now))
         out.append(StopRank(f"the head unreachable for {silent}s"))
@@ -379,7 +406,9 @@ def _follow_head(s: GroupState, head_phase: str, out: list[Decision]) -> GroupSt
         if head_phase == READY and s.restart_sent_for != s.epoch:
             # A formed group without this rank cannot be (this daemon restarted, its rank
             # was lost with it): the group must restart to take it back.
-            out.append(AskGroupRestart(s.epoch, f"rank {s.node_rank} is not in epoch {s.epoch}"))
+            cause = f"rank {s.node_rank} is not in epoch {s.epoch}"
+            out.append(note("cluster.restart_asked", "warning", epoch=s.epoch, cause=cause))
+            out.append(AskGroupRestart(s.epoch, cause))
             return replace(s, restart_sent_for=s.epoch)
     return s
 

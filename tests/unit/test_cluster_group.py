@@ -15,6 +15,7 @@ from nika_supervisor.cluster.group import (
     GroupState,
     LocalGone,
     LocalStarted,
+    Note,
     PeerFailed,
     PeerSeen,
     ReadyChanged,
@@ -34,11 +35,22 @@ T = Timing(unreachable_after=15.0)
 
 
 def run(step, s: GroupState, events: list[Event]) -> tuple[GroupState, list[list[Decision]]]:
+    """The decisions after each event, without the log notes (test_notes checks those)."""
+    s, seen = run_all(step, s, events)
+    return s, [[d for d in out if not isinstance(d, Note)] for out in seen]
+
+
+def run_all(step, s: GroupState, events: list[Event]
+            ) -> tuple[GroupState, list[list[Decision]]]:
     seen = []
     for e in events:
         s, out = step(s, e, T)
         seen.append(out)
     return s, seen
+
+
+def notes(seen: list[list[Decision]]) -> list[tuple[str, dict[str, object]]]:
+    return [(d.event, dict(d.fields)) for out in seen for d in out if isinstance(d, Note)]
 
 
 def formed_head(now: float = 0.0) -> GroupState:
@@ -259,3 +271,28 @@ def test_a_slow_stop_that_ends_after_the_next_start_is_not_a_death() -> None:
     h, out = run(head_step, h, [LocalGone(5.0, "stopped", 1), LocalStarted(6.0),
                                 LocalGone(7.0, "stopped", 1)])
     assert h.epoch == 2 and h.local_epoch == 2 and out[2] == []
+
+
+# -- what the group policy logs -----------------------------------------------------------------
+
+
+def test_notes_name_each_epoch_and_a_peer_lost_once_and_back_once() -> None:
+    _, seen = run_all(head_step, initial(2, 0, 0.0), [
+        LocalStarted(1.0),
+        PeerSeen(2.0, 1, 1, STARTING),
+        PeerFailed(10.0, 1, "timed out"),
+        PeerFailed(18.0, 1, "timed out"),  # silent 16 s: unreachable
+        PeerFailed(25.0, 1, "timed out"),  # still: not logged again
+        PeerSeen(30.0, 1, 1, STARTING),
+    ])
+    assert notes(seen) == [
+        ("cluster.epoch", {"epoch": 1}),
+        ("cluster.peer_unreachable", {"rank": 1, "silent_s": 16.0, "error": "timed out"}),
+        ("cluster.peer_back", {"rank": 1, "silent_s": 28.0, "epoch": 1, "phase": STARTING}),
+    ]
+
+
+def test_a_worker_notes_the_restart_it_asks_for() -> None:
+    s, _ = run(worker_step, initial(2, 1, 0.0), [PeerSeen(1.0, 0, 3, STARTING)])
+    _, seen = run_all(worker_step, s, [LocalStarted(2.0, 3), LocalGone(3.0, "exited", 3)])
+    assert notes(seen) == [("cluster.restart_asked", {"epoch": 3, "cause": "exited"})]
