@@ -50,14 +50,18 @@ def gate_view(s: State, cfg: Config) -> UpstreamView:
     because the daemon is on its way out (nothing will come back to hold for)."""
     rec, f = s.rec, s.life.last_failure
     leaving = isinstance(rec, Done) or (isinstance(rec, Stopping) and rec.then is Then.EXIT)
-    return UpstreamView(phase=str(s.phase), ready=isinstance(rec, Serving),
+    # A cluster head whose group is not formed (a rank lost, a partition) holds requests:
+    # forwarded, they would hang in a group that cannot answer.
+    ready = isinstance(rec, Serving) and s.life.group_ready
+    return UpstreamView(phase=str(s.phase), ready=ready,
                         upstream=f"{cfg.vllm.host}:{cfg.vllm.port}",
                         cause=f.cause if f is not None else None,
                         last_load_s=s.life.last_load_s, phase_since=s.since, given_up=leaving)
 
 
 def state_record(s: State, cfg: Config, now: float, gpu_text: str = "",
-                 loading: str | None = None, gate: GateStats | None = None) -> dict[str, Any]:
+                 loading: str | None = None, gate: GateStats | None = None,
+                 group: dict[str, Any] | None = None) -> dict[str, Any]:
     f = s.life.last_failure
     wall = time.time() - (now - s.since)
     return {
@@ -71,6 +75,7 @@ def state_record(s: State, cfg: Config, now: float, gpu_text: str = "",
         "gate": None if gate is None else {"in_flight": gate.in_flight, "held": gate.held,
                                            "rejected": gate.rejected, "served": gate.served,
                                            "retried": gate.retried},
+        "cluster": group,  # the group view (cluster/group.py group_status), or None
         "status": status_text(s, cfg, now, gpu_text, loading),
     }
 
@@ -88,10 +93,11 @@ class Publisher:
 
     def publish(self, s: State, cfg: Config, now: float, gpu_text: str = "",
                 loading: str | None = None, gate: GateStats | None = None,
-                step: str | None = None) -> None:
-        """step: the load step (no elapsed time), so each new step is published at once."""
+                step: str | None = None, group: dict[str, Any] | None = None) -> None:
+        """step: the load step (no elapsed time), so each new step is published at once;
+        group: a cluster node's group view (its text is in gpu_text)."""
         key = (s.phase, s.pid, s.life.restarts, s.life.last_failure, s.life.config_error,
-               s.life.dropped_lines, cfg.path, gate, step)
+               s.life.dropped_lines, cfg.path, gate, step, gpu_text if group else None)
         changed = key != self._published
         if not changed and now < self.next_refresh:
             return
@@ -102,7 +108,8 @@ class Publisher:
             return
         self._published = key
         try:
-            write_state(self.runtime_dir, state_record(s, cfg, now, gpu_text, loading, gate))
+            write_state(self.runtime_dir,
+                        state_record(s, cfg, now, gpu_text, loading, gate, group))
         except OSError as e:
             self.log.warning("supervisor.state_write_failed", dir=self.runtime_dir,
                              error=e.strerror)

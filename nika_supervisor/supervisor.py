@@ -171,6 +171,8 @@ class Supervisor:
         self._configure_logging(cfg.supervisor.log_format, cfg.supervisor.log_level)
         if self.gpu is not None:
             self.gpu.configure(cfg.gpu, cfg.vllm.env_dict)
+        if self.agent is not None:
+            self._refresh_identity()
         if self.gate is not None and (cfg.gate is None or not self.gate.update(cfg)):
             self.log.warning("gate.restart_needed", reason="gate.listen changed or the gate "
                              "was turned off: bound sockets change only with a restart of "
@@ -251,11 +253,16 @@ class Supervisor:
             return Failure(f"the cluster control endpoint cannot listen on {host}:{port}: "
                            f"{e.strerror}", "cluster.peers[node_rank] must be an address of "
                            "this node, and its port free (ss -ltnp)", code="cluster.bind")
-        # The vLLM version takes a second to read (its interpreter): off the loop.
-        threading.Thread(target=lambda: self._identity.update(node_identity(self.cfg)),
-                         name="cluster-identity", daemon=True).start()
         self.agent = agent.start()
+        self._refresh_identity()
         return None
+
+    def _refresh_identity(self) -> None:
+        """The model and vLLM version GET /cluster/status reports, read off the loop (the
+        version comes from vLLM's interpreter), at start and after each reload."""
+        cfg = self.cfg
+        threading.Thread(target=lambda: self._identity.update(node_identity(cfg)),
+                         name="cluster-identity", daemon=True).start()
 
     def _cluster_extra(self) -> dict[str, object]:
         """What GET /cluster/status adds to the group view (doctor compares it across nodes)."""
@@ -273,7 +280,8 @@ class Supervisor:
     def step(self, timeout: float) -> None:
         """One pass: wait for something (or a deadline), hand it to the policy, then tick."""
         try:
-            item: Event | _Signal | GateEvent | None = self.inbox.get(timeout=timeout)
+            item: Event | _Signal | GateEvent | group.Decision | None = \
+                self.inbox.get(timeout=timeout)
         except queue.Empty:
             item = None
         match item:
@@ -287,8 +295,8 @@ class Supervisor:
                 self._feed(Drained(item.in_flight_left, item.waited_s, item.timed_out))
             case GateStarted() | GateExited():
                 pass  # the gate logs these; it respawns itself on the same sockets
-            case group.Note(event=event, level=level):
-                self._log(event, level, dict(item.fields))
+            case group.Note():
+                self._log(item.event, item.level, dict(item.fields))
             case (group.RestartGroup() | group.StartRank() | group.StopRank()
                   | group.ReadyChanged() | group.AskGroupRestart()):
                 ev = node_event(item)
@@ -323,7 +331,8 @@ class Supervisor:
         self.publisher.publish(self.state, self.cfg, now, self._gpu_text(),
                                self.obs.loading_status(now),
                                self.gate.stats if self.gate is not None else None,
-                               self.obs.loading_step())
+                               self.obs.loading_step(),
+                               self.agent.status() if self.agent is not None else None)
         if self.gate is not None:
             view = gate_view(self.state, self.cfg)
             if view != self._view:

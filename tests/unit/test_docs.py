@@ -32,8 +32,9 @@ README = REPO / "README.md"
 
 EVENT = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
 LOGGER_METHODS = {"debug", "info", "warning", "error", "critical", "exception", "msg"}
-# callables that turn (event, level, fields) into a log line: log, Log, log_fields, _log
-EMITTER = re.compile(r"^_?[Ll]og(_\w+)?$")
+# callables that turn (event, level, fields) into a log line: log, Log, log_fields, _log, and
+# the group policy's note (a Note decision the daemon logs)
+EMITTER = re.compile(r"^_?([Ll]og(_\w+)?|note)$")
 TABLE_HEADER = "| event | level | fields |"
 
 # Documented, declared as a constant by its module, not emitted by anything yet (an event
