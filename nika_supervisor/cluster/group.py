@@ -76,10 +76,14 @@ class GroupState:
     ready: bool = False
     last_failure: GroupFailure | None = None
     restart_sent_for: int = 0  # the epoch whose restart this node already asked for / decided
+    formed: bool = False  # head: the current epoch's group has been READY
 
     @property
     def phase(self) -> str:
-        if self.local_epoch is None:
+        # A head whose group restart is decided reports DOWN at once: a worker must not
+        # start a rank for an epoch that is going away (its rank could never join it).
+        if self.local_epoch is None or (self.node_rank == 0
+                                        and self.restart_sent_for == self.epoch):
             return DOWN
         return READY if self.ready else STARTING
 
@@ -252,7 +256,7 @@ def _with_ready(s: GroupState, ready: bool, reason: str,
                 out: list[Decision]) -> GroupState:
     if ready != s.ready:
         out.append(ReadyChanged(ready, reason))
-        s = replace(s, ready=ready)
+        s = replace(s, ready=ready, formed=s.formed or ready)
     return _own(s)
 
 
@@ -287,7 +291,7 @@ def head_step(s: GroupState, e: Event, t: Timing) -> tuple[GroupState, list[Deci
     out: list[Decision] = []
     if isinstance(e, LocalStarted):
         epoch = s.epoch + 1
-        s = replace(s, epoch=epoch, local_epoch=epoch, alias_ok=False)
+        s = replace(s, epoch=epoch, local_epoch=epoch, alias_ok=False, formed=False)
         out.append(note("cluster.epoch", epoch=epoch))
         return _with_ready(s, False, f"group epoch {epoch} starting", out), out
     if isinstance(e, LocalGone):
@@ -301,9 +305,12 @@ def head_step(s: GroupState, e: Event, t: Timing) -> tuple[GroupState, list[Deci
         s = replace(s, alias_ok=e.ok and s.local_epoch is not None)
     elif isinstance(e, PeerSeen):
         s = _peer_seen(s, e, out)
-        if (e.epoch == s.epoch and e.phase == DOWN and s.local_epoch is not None
-                and s.ready):
-            s, out = _restart(s, e.now, e.rank, f"rank {e.rank}: reports its rank down", out)
+        # Once this epoch's group has formed, a rank that is not in it (down, or running
+        # another epoch: its daemon restarted) can never join it again: restart the group.
+        if s.formed and s.local_epoch is not None and (e.phase == DOWN or e.epoch != s.epoch):
+            why = ("reports its rank down" if e.phase == DOWN
+                   else f"runs epoch {e.epoch}, not {s.epoch}")
+            s, out = _restart(s, e.now, e.rank, f"rank {e.rank}: {why}", out)
     elif isinstance(e, PeerFailed):
         s = _peer_failed(s, e, t, out)
     elif isinstance(e, RestartAsked) and e.epoch == s.epoch and s.local_epoch is not None:

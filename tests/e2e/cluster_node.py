@@ -1,6 +1,7 @@
 """One "node" of the two-namespace cluster test: `serve` runs a control endpoint bound to this
 node's address (inside its network namespace) and prints each restart request as a JSON line;
-`status` / `restart` are one client call to a peer, printing the result as JSON.
+`status` / `restart` are one client call to a peer, printing the result as JSON; `chat` is one
+chat completion through the official openai client (tests/e2e/test_cluster_group.py).
 
 Run with `ip netns exec NS python cluster_node.py ...` by tests/e2e/test_cluster_netns.py.
 """
@@ -49,8 +50,24 @@ def call(what: str, peer: str, token_file: str, deadline: float) -> None:
     print(json.dumps({"type": type(result).__name__, **asdict(result)}), flush=True)
 
 
+def chat(base_url: str, alias: str, timeout: float) -> None:
+    """One chat completion with the official openai client, printed as JSON."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="unused", timeout=timeout, max_retries=0)
+    try:
+        r = client.chat.completions.create(model=alias, max_tokens=4,
+                                           messages=[{"role": "user", "content": "hi"}])
+        print(json.dumps({"ok": True, "model": r.model,
+                          "content": r.choices[0].message.content}), flush=True)
+    except openai.OpenAIError as e:
+        print(json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"}), flush=True)
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "serve":
+    if sys.argv[1] == "chat":
+        chat(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+    elif sys.argv[1] == "serve":
         serve(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     else:
         call(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]))

@@ -296,3 +296,26 @@ def test_a_worker_notes_the_restart_it_asks_for() -> None:
     s, _ = run(worker_step, initial(2, 1, 0.0), [PeerSeen(1.0, 0, 3, STARTING)])
     _, seen = run_all(worker_step, s, [LocalStarted(2.0, 3), LocalGone(3.0, "exited", 3)])
     assert notes(seen) == [("cluster.restart_asked", {"epoch": 3, "cause": "exited"})]
+
+
+def test_a_rank_that_left_a_formed_group_restarts_it_and_the_head_reports_down() -> None:
+    """A worker daemon restarted (its rank was ended with it) reports no rank: the formed
+    group cannot take a new rank in, so the head restarts it, and says DOWN meanwhile so the
+    worker does not start a rank for the epoch that is going away (seen with real vLLM: the
+    worker joined the dead epoch and the head counted the group formed again)."""
+    s = formed_head()
+    s, out = run(head_step, s, [PeerSeen(10.0, 1, 0, DOWN)])
+    assert out == [[RestartGroup("rank 1: reports its rank down", 1),
+                    ReadyChanged(False, "group epoch 1 is being restarted")]]
+    assert group_status(s)["phase"] == DOWN
+
+
+def test_a_rank_of_another_epoch_in_a_formed_group_restarts_it() -> None:
+    s = formed_head()
+    _, out = run(head_step, s, [PeerSeen(10.0, 1, 7, STARTING)])
+    assert out[0][0] == RestartGroup("rank 1: runs epoch 7, not 1", 1)
+
+
+def test_before_the_group_forms_a_missing_rank_is_waited_for() -> None:
+    s, out = run(head_step, initial(2, 0, 0.0), [LocalStarted(1.0), PeerSeen(2.0, 1, 0, DOWN)])
+    assert out[1] == [] and group_status(s)["phase"] == STARTING
