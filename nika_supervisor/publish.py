@@ -24,8 +24,10 @@ READY_STATUS_REFRESH_S = 60.0  # ... and the uptime while ready
 
 def status_text(s: State, cfg: Config, now: float, gpu_text: str = "",
                 loading: str | None = None) -> str:
-    v, rec = cfg.vllm, s.rec
+    v, rec, c = cfg.vllm, s.rec, cfg.cluster
     head = f"{s.phase}: {v.alias} on {v.host}:{v.port}"
+    if c is not None and not c.is_head:  # a headless rank serves no address of its own
+        head = f"{s.phase}: {v.alias}, rank {c.node_rank} of {c.nnodes} (headless)"
     if isinstance(rec, Loading):
         elapsed = f"loading {format_duration(now - rec.spawned_at)}"
         head += f" ({loading or elapsed})"
