@@ -173,6 +173,10 @@ class Supervisor:
             self.gpu.configure(cfg.gpu, cfg.vllm.env_dict)
         if self.agent is not None:
             self._refresh_identity()
+            if cfg.cluster != self.agent.cfg:
+                self.log.warning("cluster.restart_needed", reason="cluster: changed: the "
+                                 "control endpoint and the group keep the old section until "
+                                 "the unit restarts")
         if self.gate is not None and (cfg.gate is None or not self.gate.update(cfg)):
             self.log.warning("gate.restart_needed", reason="gate.listen changed or the gate "
                              "was turned off: bound sockets change only with a restart of "

@@ -120,8 +120,11 @@ class ClusterAgent:
                              name="cluster-tell", daemon=True).start()
         for d in out:
             if isinstance(d, group.AskGroupRestart):
+                # Sent off the caller's thread (the daemon's loop must never wait on a peer);
+                # the poller sends it again until the head accepts it or moves on.
                 self._pending_ask = d
-                self._send_ask()
+                threading.Thread(target=self._send_ask, name="cluster-ask",
+                                 daemon=True).start()
             else:
                 if isinstance(d, group.RestartGroup):
                     # Off this thread: it may be a request handler whose peer awaits a reply.

@@ -141,3 +141,49 @@ def test_a_wrong_token_changes_nothing(pair) -> None:
         poll_for(lambda after=after: (worker.state.ranks[0].last_seen or 0) > after, 10,
                  "the worker's next poll of the head")
     assert formed(head, worker, 1)
+
+
+def test_a_silent_head_never_holds_up_the_caller_of_feed() -> None:
+    """The daemon's loop calls rank_gone(); the ask to the head goes out on its own thread."""
+    with socket.socket() as silent:  # accepts connections (backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        peers = (silent.getsockname(), ("127.0.0.1", free_port()))
+        agent = ClusterAgent(ClusterConfig(nnodes=2, node_rank=1, master_addr="127.0.0.1",
+                                           master_port=29501, peers=peers, token_file="-"),
+                             TOKEN, time.monotonic, poll_interval=60.0,
+                             client=ControlClient(TOKEN, connect_timeout=3.0, deadline=3.0))
+        agent.feed(group.PeerSeen(time.monotonic(), 0, 4, group.STARTING))
+        agent.rank_started(4)
+        t0 = time.monotonic()
+        agent.rank_gone("exited (SIGKILL)", 4)
+        took = time.monotonic() - t0
+        assert took < 1.0, f"rank_gone waited {took:.2f}s on a silent head"
+        notes = []
+        while not agent.decisions.empty():
+            notes.append(agent.decisions.get())
+        assert group.note("cluster.restart_asked", "warning", epoch=4,
+                          cause="exited (SIGKILL)") in notes
+
+
+def test_the_heads_epochs_continue_across_daemon_lives(tmp_path) -> None:
+    path = tmp_path / "cluster-epoch"
+
+    def cfg() -> ClusterConfig:  # each agent binds its endpoint: a fresh port for each
+        return ClusterConfig(nnodes=2, node_rank=0, master_addr="127.0.0.1", master_port=29501,
+                             peers=(("127.0.0.1", free_port()), ("127.0.0.1", free_port())),
+                             token_file="-")
+
+    for life, expected in ((1, [1, 2]), (2, [3, 4])):
+        agent = ClusterAgent(cfg(), TOKEN, time.monotonic, epoch_file=str(path))
+        seen = []
+        for _ in range(2):
+            agent.rank_started(None)
+            seen.append(agent.state.epoch)
+            agent.rank_gone("stopped", None)
+        assert seen == expected, f"daemon life {life}"
+    assert path.read_text() == "4\n"
+    path.write_text("garbage")  # unreadable: the wall clock, above any real counter
+    agent = ClusterAgent(cfg(), TOKEN, time.monotonic, epoch_file=str(path))
+    agent.rank_started(None)
+    assert agent.state.epoch > 1_700_000_000
