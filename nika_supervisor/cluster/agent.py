@@ -182,7 +182,18 @@ class ClusterAgent:
         if (isinstance(epoch, bool) or not isinstance(epoch, int)
                 or phase not in (group.DOWN, group.STARTING, group.READY)):
             return group.PeerFailed(now, rank, "bad status: epoch or phase missing")
-        return group.PeerSeen(now, rank, epoch, str(phase))
+        return group.PeerSeen(now, rank, epoch, str(phase), _failure(b.get("last_failure"), now))
+
+
+def _failure(raw: object, now: float) -> group.GroupFailure | None:
+    """A peer's last_failure from its status, if well formed (anything else: None)."""
+    if not isinstance(raw, dict):
+        return None
+    epoch, rank, cause = raw.get("epoch"), raw.get("rank"), raw.get("cause")
+    if (not isinstance(epoch, int) or isinstance(epoch, bool) or not isinstance(rank, int)
+            or isinstance(rank, bool) or not isinstance(cause, str)):
+        return None
+    return group.GroupFailure(now, epoch, rank, cause[:200])
 
 
 class EpochStore:

@@ -143,6 +143,7 @@ class PeerSeen:
     rank: int
     epoch: int
     phase: str
+    failure: GroupFailure | None = None  # the peer's last group failure (`at` is our `now`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,6 +376,7 @@ def worker_step(s: GroupState, e: Event, t: Timing) -> tuple[GroupState, list[De
     elif isinstance(e, PeerSeen) and e.rank == 0:
         s = _peer_seen(s, e, out)
         s = replace(s, epoch=e.epoch)
+        s = _adopt_failure(s, e.failure)
         s = _follow_head(s, e.phase, out)
     elif isinstance(e, PeerFailed) and e.rank == 0:
         s = _peer_failed(s, e, t, out)
@@ -394,6 +396,16 @@ def worker_step(s: GroupState, e: Event, t: Timing) -> tuple[GroupState, list[De
     reason = (f"joined group epoch {s.epoch}" if ready
               else f"not in a formed group (head: {head.phase}, epoch {head.epoch})")
     return _with_ready(s, ready, reason, out), out
+
+
+def _adopt_failure(s: GroupState, f: GroupFailure | None) -> GroupState:
+    """A worker names the group's last failure as the head knows it (the head decides every
+    group restart), unless its own is about a later epoch."""
+    mine = s.last_failure
+    if f is None or (mine is not None and (mine.epoch > f.epoch or (
+            (mine.epoch, mine.rank, mine.cause) == (f.epoch, f.rank, f.cause)))):
+        return s
+    return replace(s, last_failure=f)
 
 
 def _follow_head(s: GroupState, head_phase: str, out: list[Decision]) -> GroupState:

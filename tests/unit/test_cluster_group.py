@@ -12,6 +12,7 @@ from nika_supervisor.cluster.group import (
     AskGroupRestart,
     Decision,
     Event,
+    GroupFailure,
     GroupState,
     LocalGone,
     LocalStarted,
@@ -319,3 +320,13 @@ def test_a_rank_of_another_epoch_in_a_formed_group_restarts_it() -> None:
 def test_before_the_group_forms_a_missing_rank_is_waited_for() -> None:
     s, out = run(head_step, initial(2, 0, 0.0), [LocalStarted(1.0), PeerSeen(2.0, 1, 0, DOWN)])
     assert out[1] == [] and group_status(s)["phase"] == STARTING
+
+
+def test_a_worker_names_the_groups_last_failure_as_the_head_knows_it() -> None:
+    head_failure = GroupFailure(5.0, 3, 0, "rank 0: vLLM was killed by SIGKILL")
+    s, _ = run(worker_step, initial(2, 1, 0.0), [PeerSeen(1.0, 0, 4, STARTING, head_failure)])
+    assert group_status(s)["last_failure"]["cause"] == "rank 0: vLLM was killed by SIGKILL"
+    # Its own, about a later epoch, is kept over an older one of the head's.
+    s, _ = run(worker_step, s, [LocalStarted(2.0, 4), LocalGone(3.0, "exited", 4),
+                                PeerSeen(4.0, 0, 4, STARTING, head_failure)])
+    assert group_status(s)["last_failure"]["cause"] == "rank 1: exited"
