@@ -1,9 +1,11 @@
 """The pure decision core: `Policy.decide(state, event, now) -> (state, actions)`.
 
-This module is longer than the others (about 500 lines) on purpose: it is the one place where
+This module is longer than the others (about 780 lines) on purpose: it is the one place where
 the supervisor decides anything, and splitting its cases across files would scatter exactly
 what a reader comes here to see whole. The per-phase records, events and actions it works on
-live in lifecycle.py, events.py and actions.py; the deep-check rules in deep.py/metrics.py.
+live in lifecycle.py, events.py and actions.py; the deep-check rules in deep.py/metrics.py;
+the rules of a vLLM group across nodes in cluster/group.py (this module decides only what
+the group's decisions mean for this node's vLLM: `_rank_start`, `_rank_stop`, `_group_ready`).
 
 Nothing here touches a process, a socket or a clock. The executor (`supervisor.py`) turns
 what happens into events, feeds them in with the current monotonic time, and carries out the

@@ -9,9 +9,9 @@ small thread pool: a hung server can never stall this loop or the watchdog), GPU
 reader thread). The loop blocks on the queue until the policy's next deadline, so a signal or
 an exit wakes it at once and ticks still run on time.
 
-About 370 lines: the loop, one case per action, and the I/O behind each (preflight, spawn,
-probes, deep checks, config load); publishing and the GPU adapter live in publish.py and
-gpuwatch.py.
+About 540 lines: the loop, one case per action, and the I/O behind each (preflight, spawn,
+probes, deep checks, config load, the gate's and the cluster agent's start); publishing, the
+GPU adapter and the group protocol live in publish.py, gpuwatch.py and cluster/.
 
 Collaborators are injected (clock, environment, notifier, spawner, GPU monitor factory,
 jitter, logging setup), so tests construct the whole daemon in-process.

@@ -1,6 +1,6 @@
 """The group policy: when a vLLM group across nodes restarts, and when it is READY (issue 12).
 
-About 400 lines, one piece: the head's and the worker's steps answer each other (epochs,
+About 450 lines, one piece: the head's and the worker's steps answer each other (epochs,
 restarts, READY), and reading them side by side is how the protocol is checked.
 
 Pure: no I/O, no clock. The daemon feeds events (each carries `now`) into `head_step` or
@@ -25,10 +25,6 @@ The protocol (docs/ARCHITECTURE.md, "Multi-node (issue 12, design)"):
 
 Restarting the head's own rank goes through the daemon's existing restart policy (backoff,
 budget): `RestartGroup` is for the daemon a failure of its local vLLM with that cause.
-
-Longer than most modules (about 380 lines) because the head's and the worker's rules are two
-halves of one protocol, easier to keep consistent side by side; most of the length is the
-event and decision types.
 """
 
 from __future__ import annotations
