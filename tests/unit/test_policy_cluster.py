@@ -55,6 +55,18 @@ def stopped(r: Run, pid: int) -> None:
     r.feed(GroupGone(pid))
 
 
+def head_ready(pid: int = 100) -> Run:
+    """A head whose alias answered and whose group formed."""
+    r = run_as(HEAD)
+    r.feed(Boot())
+    r.feed(PreflightResult())
+    r.feed(Spawned(pid))
+    r.feed(ReadyProbe(pid, True))
+    r.feed(GroupReady(True, "formed"))
+    assert r.state.phase is Phase.READY
+    return r
+
+
 # -- the head --------------------------------------------------------------------------------
 
 
@@ -74,12 +86,7 @@ def test_the_head_is_ready_only_when_the_alias_answers_and_the_group_is_formed()
 
 
 def test_the_head_leaves_ready_while_its_group_is_not_formed_and_returns() -> None:
-    r = run_as(HEAD)
-    r.feed(Boot())
-    r.feed(PreflightResult())
-    r.feed(Spawned(100))
-    r.feed(ReadyProbe(100, True))
-    r.feed(GroupReady(True, "formed"))
+    r = head_ready()
     r.feed(GroupReady(False, "waiting for rank(s) 1 to join epoch 1"), after=1.0)
     assert r.state.phase is Phase.UNHEALTHY
     assert r.events("cluster.ready")[-1] == {"ready": False,
@@ -89,12 +96,7 @@ def test_the_head_leaves_ready_while_its_group_is_not_formed_and_returns() -> No
 
 
 def test_a_group_restart_is_a_failure_of_the_heads_vllm_through_its_budget() -> None:
-    r = run_as(HEAD)
-    r.feed(Boot())
-    r.feed(PreflightResult())
-    r.feed(Spawned(100))
-    r.feed(ReadyProbe(100, True))
-    r.feed(GroupReady(True, "formed"))
+    r = head_ready()
     acts = r.feed(GroupFailed(Failure("group restart: rank 1: exited", "h", code="cluster"), 1))
     assert RankGone("group restart: rank 1: exited", None) in acts
     assert SignalGroup(100, TERM) in acts
