@@ -8,6 +8,8 @@ namespaces. The cases share one group, in order, each leaving it formed for the 
 - a wrong token: refused and logged, the group unaffected;
 - SIGKILL of the worker's vLLM, no traffic: the head restarts the group, which answers again;
 - SIGKILL of the head's vLLM: the worker's old rank is gone, and the group re-forms;
+- SIGSTOP of the worker's vLLM (a hang): the head's canary finds the group not answering, and
+  the whole group restarts;
 - the link down for 30 s, then up: the head leaves READY, and the group re-forms by itself;
 - SIGKILL of the worker's supervisor, restarted as systemd's Restart= would: the group
   recovers (the unit-file side of that restart is the systemd tier's);
@@ -20,6 +22,7 @@ tiny-model`; under CI it fails if it cannot run (tests/helpers/tier.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -94,8 +97,10 @@ def config(rank: int, nodes: tuple[str, str], devs: tuple[str, str], work: Path,
                           "max-model-len": 256, "dtype": "bfloat16"},
                  "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
                          "GLOO_SOCKET_IFNAME": devs[rank], "VLLM_HOST_IP": nodes[rank]}},
+        # The canary (a 1-token completion through the head when no progress was seen) is
+        # what finds a hung rank on another node: /health stays 200 while the group hangs.
         "health": {"interval": "2s", "timeout": "5s", "startup_timeout": "6m",
-                   "canary_interval": 0},
+                   "canary_interval": "10s", "canary_timeout": "10s"},
         "restart": {"backoff_initial": "1s", "backoff_max": "5s", "max_restarts": 20,
                     "window": "1h", "stop_timeout": "20s"},
         "gpu": {"nvml": "off"},
@@ -257,6 +262,29 @@ def test_sigkill_of_the_heads_vllm_ends_the_workers_rank_and_reforms(
     TIMES["kill_head_vllm"] = {"worker_rank_stopped_s": round(stop.t - t, 2),
                                "worker_rank_gone_s": round(gone - t, 2),
                                "recover_s": round(ready.t - t, 1)}
+    assert answers(head)["ok"]
+
+
+def test_a_hung_worker_rank_is_found_by_the_heads_canary_and_the_group_restarts(
+        group: tuple[Node, Node]) -> None:
+    head, worker = group
+    victim = rank_pid(worker)
+    t = time.monotonic()
+    os.killpg(victim, signal.SIGSTOP)  # hung, not dead: nothing on the worker notices
+    try:
+        # The head's own vLLM is what fails its canary: a fault of the head's rank, which
+        # takes the group down with it (the worker is told, and stops its rank).
+        fault = head.d.wait_event("vllm.fault", 120, since=t)
+        stop = worker.d.wait_event("cluster.rank_stop", 60, since=t)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(victim, signal.SIGCONT)
+    assert fault["code"] in ("canary", "stall", "health"), fault.fields
+    ready = wait_formed(head, worker, t, "the group after the worker's hang")
+    TIMES["hang_worker_vllm"] = {"detect_s": round(fault.t - t, 2),
+                                 "worker_told_s": round(stop.t - t, 2),
+                                 "recover_s": round(ready.t - t, 1)}
+    poll_for(lambda: not pid_alive(victim), 60, "the hung rank to be ended")
     assert answers(head)["ok"]
 
 
