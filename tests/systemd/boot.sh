@@ -34,6 +34,14 @@ fi
 
 mount -t tmpfs -o mode=755 tmpfs /run
 
+# A node of a multi-node test (the harness's netns option sets this): its own /dev/shm, as a
+# machine of its own has. vLLM decides which ranks share a node by opening a POSIX shared
+# memory segment by name (in_the_same_node_as); over a shared /dev/shm two "nodes" would look
+# like one and wait on IPC sockets in each other's private /tmp.
+if [ -n "${NIKA_BOOT_PRIVATE_SHM:-}" ]; then
+    mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
+fi
+
 # A read-only /sys with our own cgroup2 tree (the cgroup namespace root is the subtree the
 # harness created for us, so the host's hierarchy is out of reach).
 mount --bind /sys /sys

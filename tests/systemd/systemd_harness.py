@@ -138,7 +138,11 @@ class Namespace:
     # -- boot and teardown ---------------------------------------------------------------
 
     @classmethod
-    def boot(cls, work: Path, timeout: float = 60.0) -> Namespace:
+    def boot(cls, work: Path, timeout: float = 60.0, netns: str | None = None) -> Namespace:
+        """Boot a systemd in `work`; with `netns` (a name from `ip netns add`), as a node of
+        its own: inside that network namespace (entered before unshare, so every unit shares
+        it) and with a /dev/shm of its own (boot.sh, NIKA_BOOT_PRIVATE_SHM). Tools run
+        through `run` stay in the host's network namespace (install.sh's pip needs it)."""
         prepare_workdir(work)
         parent = cgroup2_root()
         if parent is None:
@@ -149,11 +153,13 @@ class Namespace:
         # The shell joins the new cgroup first, so unshare, systemd and everything it starts
         # are accounted there, and the cgroup namespace's root is that subtree.
         proc = subprocess.Popen(
-            ["sh", "-c", 'echo $$ > "$1/cgroup.procs" && exec unshare --fork --pid --mount '
-             '--mount-proc --uts --ipc --cgroup -- bash "$2" "$3" "$4"',
-             "sh", str(cgroup), str(BOOT_SH), str(work), str(REPO)],
+            ["sh", "-c", 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"', "sh", str(cgroup),
+             *(["nsenter", f"--net=/run/netns/{netns}", "--"] if netns else []),
+             "unshare", "--fork", "--pid", "--mount", "--mount-proc", "--uts", "--ipc",
+             "--cgroup", "--", "bash", str(BOOT_SH), str(work), str(REPO)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd="/",
-            start_new_session=True)
+            start_new_session=True,
+            env={**os.environ, "NIKA_BOOT_PRIVATE_SHM": "1"} if netns else None)
         log.close()
         ns = cls(work=work, cgroup=cgroup, proc=proc)
         try:
