@@ -231,6 +231,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, Node]
         problems: list[str] = []
         for n in nodes:
             if n.ns is not None:
+                with contextlib.suppress(Exception):  # kept for a reader: the whole journal
+                    (work / f"journal{n.rank}.txt").write_text(
+                        n.ns.journal("-o", "short-monotonic"))
                 left = ranks_in(n.ns)
                 if left and STOPPED:  # else a failed case left them: that case reports it
                     problems.append(f"rank {n.rank}: vLLM pids {left} after the stop")
