@@ -99,9 +99,13 @@ class Daemon:
         self.events: list[dict[str, Any]] = []
         env = {k: v for k, v in os.environ.items() if k not in _HOST_ONLY}
         self.t0 = time.time()
+        # Each node its own /dev/shm, as two machines have: over a shared one vLLM takes the
+        # ranks for one node and talks through shared memory instead of the link.
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "nika_supervisor", "run",
-             "--config", cfg], cwd=REPO, env=env | {"PYTHONUNBUFFERED": "1"},
+            ["ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private",
+             "sh", "-c", 'mount -t tmpfs -o size=2g nika-shm /dev/shm && exec "$@"', "sh",
+             sys.executable, "-m", "nika_supervisor", "run", "--config", cfg], cwd=REPO,
+            env=env | {"PYTHONUNBUFFERED": "1"},
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True)
         self.reader = threading.Thread(target=self._read, daemon=True)
