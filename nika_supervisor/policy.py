@@ -218,7 +218,9 @@ class Policy:
         if then is Then.EXIT:
             final = Phase.STOPPED if code == ExitCode.OK else Phase.FAILED
             f = s.life.last_failure
-            acts.append(Exit(code, s.life.restarts, f.cause if f is not None else None))
+            # A stop on request says so; the last failure (long recovered from) is not why.
+            why = "stopped on request" if code == ExitCode.OK else f.cause if f else None
+            acts.append(Exit(code, s.life.restarts, why))
             return self._goto(s, final, Done(code), now, reason, acts)
         if then is Then.RESTART_NOW:
             return self._start(s, now, reason, acts)

@@ -206,3 +206,18 @@ def test_a_single_node_ignores_group_events() -> None:
     for ev in (RankStart(1), RankStop("x"), GroupReady(False, "x")):
         assert r.feed(ev) == []
     assert r.state.phase is Phase.READY
+
+
+def test_a_stop_on_request_says_so_not_the_last_failure() -> None:
+    r = head_ready()
+    r.feed(GroupFailed(Failure("group restart: rank 1: exited", "h", code="cluster"), 1))
+    stopped(r, 100)
+    r.tick_until(r.clock.t + 60.0)
+    r.feed(PreflightResult())
+    r.feed(Spawned(101))
+    r.feed(ReadyProbe(101, True))
+    r.feed(GroupReady(True, "formed"))
+    r.feed(StopRequested())
+    stopped(r, 101)
+    exits = [a for a in r.actions if isinstance(a, Exit)]
+    assert [(e.code, e.reason) for e in exits] == [(0, "stopped on request")]
