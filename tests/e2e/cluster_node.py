@@ -1,7 +1,7 @@
 """One "node" of the two-namespace cluster test: `serve` runs a control endpoint bound to this
 node's address (inside its network namespace) and prints each restart request as a JSON line;
 `status` / `restart` are one client call to a peer, printing the result as JSON; `chat` is one
-chat completion through the official openai client (tests/e2e/test_cluster_group.py).
+chat completion through the official openai client (tests/e2e/test_cluster_supervised.py).
 
 Run with `ip netns exec NS python cluster_node.py ...` by tests/e2e/test_cluster_netns.py.
 """

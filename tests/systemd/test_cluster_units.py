@@ -131,7 +131,7 @@ def hidden_by_protecthome(vllm_python: Path, model: Path) -> list[str]:
 
 def node_config(rank: int, devs: tuple[str, str], vllm_python: Path,
                 model: Path) -> dict[str, Any]:
-    """tests/e2e/test_cluster_group.py's config, with the unit's own runtime and state
+    """tests/e2e/test_cluster_supervised.py's config, with the unit's own runtime and state
     directories (no supervisor.runtime_dir/state_dir: RUNTIME_DIRECTORY, STATE_DIRECTORY)."""
     return {
         "vllm": {"python": str(vllm_python), "entrypoint": "serve_cpu", "model": str(model),
