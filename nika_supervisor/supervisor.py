@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from nika_supervisor import command, probes, procs
 from nika_supervisor.actions import (
@@ -332,11 +333,11 @@ class Supervisor:
                 if answer is not None:
                     pending.append(answer)
         now = self.clock.now()
-        self.publisher.publish(self.state, self.cfg, now, self._gpu_text(),
+        group = self.agent.status() if self.agent is not None else None  # once per pass
+        self.publisher.publish(self.state, self.cfg, now, self._gpu_text(group),
                                self.obs.loading_status(now),
                                self.gate.stats if self.gate is not None else None,
-                               self.obs.loading_step(),
-                               self.agent.status() if self.agent is not None else None)
+                               self.obs.loading_step(), group)
         if self.gate is not None:
             view = gate_view(self.state, self.cfg)
             if view != self._view:
@@ -489,18 +490,20 @@ class Supervisor:
 
     # -- status ------------------------------------------------------------------------------
 
-    def _gpu_text(self) -> str:
+    def _gpu_text(self, group: dict[str, Any] | None) -> str:
+        """STATUS's extra parts: the GPU, the gate, the group (its view, read by the caller)."""
         parts = [self.gpu.status_text() if self.gpu is not None else ""]
         if self.gate is not None:
             g = self.gate.stats
             parts.append(f"gate: {g.in_flight} in flight, {g.held} held, {g.rejected} rejected")
-        if self.agent is not None:
-            parts.append(group_text(self.agent.status()))
+        if group is not None:
+            parts.append(group_text(group))
         return "; ".join(p for p in parts if p)
 
     def status_text(self) -> str:
         now = self.clock.now()
-        return status_text(self.state, self.cfg, now, self._gpu_text(),
+        group = self.agent.status() if self.agent is not None else None
+        return status_text(self.state, self.cfg, now, self._gpu_text(group),
                            self.obs.loading_status(now))
 
     def _log(self, event: str, level: str, fields: dict[str, object]) -> None:

@@ -265,9 +265,6 @@ def _peer_seen(s: GroupState, e: PeerSeen, out: list[Decision]) -> GroupState:
     return _set_rank(s, e.rank, phase=e.phase, epoch=e.epoch, last_seen=e.now, error=None)
 
 
-def _peer_failed(s: GroupState, e: PeerFailed, t: Timing, out: list[Decision]) -> GroupState:
-    s = _set_rank(s, e.rank, error=e.error)
-    return _mark_unreachable(s, e.rank, e.now, t, out)
 
 
 def _mark_unreachable(s: GroupState, rank: int, now: float, t: Timing,
@@ -309,7 +306,7 @@ def head_step(s: GroupState, e: Event, t: Timing) -> tuple[GroupState, list[Deci
                    else f"runs epoch {e.epoch}, not {s.epoch}")
             s, out = _restart(s, e.now, e.rank, f"rank {e.rank}: {why}", out)
     elif isinstance(e, PeerFailed):
-        s = _peer_failed(s, e, t, out)
+        s = _set_rank(s, e.rank, error=e.error)  # UNREACHABLE, if due, is marked below
     elif isinstance(e, RestartAsked) and e.epoch == s.epoch and s.local_epoch is not None:
         s, out = _restart(s, e.now, e.rank, f"rank {e.rank}: {e.cause}", out)
     now = e.now
@@ -375,7 +372,7 @@ def worker_step(s: GroupState, e: Event, t: Timing) -> tuple[GroupState, list[De
         s = _adopt_failure(s, e.failure)
         s = _follow_head(s, e.phase, out)
     elif isinstance(e, PeerFailed) and e.rank == 0:
-        s = _peer_failed(s, e, t, out)
+        s = _set_rank(s, e.rank, error=e.error)  # UNREACHABLE, if due, is marked below
     elif (isinstance(e, RestartAsked) and e.rank == 0 and s.local_epoch is not None
           and e.epoch >= s.local_epoch):
         out.append(StopRank(f"the head restarts the group (epoch {e.epoch})"))

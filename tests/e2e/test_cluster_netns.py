@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.netns import ip, linked_namespaces
 from helpers.tier import cannot_run
 from helpers.wait import poll_for
 
@@ -60,10 +61,6 @@ class Node:
         return result
 
 
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[tuple[Node, Node, Path]]:
     if os.geteuid() != 0 or shutil.which("ip") is None:
@@ -74,37 +71,26 @@ def nodes(tmp_path: Path) -> Iterator[tuple[Node, Node, Path]]:
     token = tmp_path / "token"
     token.write_text(SECRET + "\n")
     token.chmod(0o600)
-    made: list[str] = []
-    try:
-        for n in (a, b):
-            ip("netns", "add", n.ns)
-            made.append(n.ns)
-        ip("link", "add", a.dev, "type", "veth", "peer", "name", b.dev)
-        for n in (a, b):
-            ip("link", "set", n.dev, "netns", n.ns)
-            ip("-n", n.ns, "addr", "add", f"{n.ip}/24", "dev", n.dev)
-            ip("-n", n.ns, "link", "set", n.dev, "up")
-            ip("-n", n.ns, "link", "set", "lo", "up")
-        for rank, n in enumerate((a, b)):
-            n.proc = subprocess.Popen(
-                ["ip", "netns", "exec", n.ns, sys.executable, NODE, "serve",
-                 f"{n.ip}:{PORT}", str(token), str(rank), "2"],
-                stdout=n.out.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        for n in (a, b):
-            poll_for(lambda n=n: any("listening" in x for x in n.lines()), 30,  # type: ignore[misc]
-                     f"{n.ns}'s control endpoint to listen")
-        yield a, b, token
-    finally:
-        for n in (a, b):
-            if n.proc is not None:
-                os.killpg(n.proc.pid, signal.SIGTERM)
-                try:
-                    n.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(n.proc.pid, signal.SIGKILL)
-                    n.proc.wait(10)
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+    with linked_namespaces((a.ns, b.ns), (a.dev, b.dev), (a.ip, b.ip)):
+        try:
+            for rank, n in enumerate((a, b)):
+                n.proc = subprocess.Popen(
+                    ["ip", "netns", "exec", n.ns, sys.executable, NODE, "serve",
+                     f"{n.ip}:{PORT}", str(token), str(rank), "2"],
+                    stdout=n.out.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+            for n in (a, b):
+                poll_for(lambda n=n: any("listening" in x for x in n.lines()),  # type: ignore[misc]
+                         30, f"{n.ns}'s control endpoint to listen")
+            yield a, b, token
+        finally:
+            for n in (a, b):
+                if n.proc is not None:
+                    os.killpg(n.proc.pid, signal.SIGTERM)
+                    try:
+                        n.proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(n.proc.pid, signal.SIGKILL)
+                        n.proc.wait(10)
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert tag not in left, f"namespaces left behind: {left}"
 

@@ -38,11 +38,14 @@ from typing import Any
 
 import pytest
 from helpers.daemon import Daemon, Event
+from helpers.netns import ip, linked_namespaces
 from helpers.procs import pid_alive
 from helpers.tier import cannot_run
 from helpers.wait import poll_for
 
-from nika_supervisor.command import MARKER_ENV
+from nika_supervisor import procs
+from nika_supervisor.command import MARKER_ENV, marker_value
+from nika_supervisor.config import load_config
 from nika_supervisor.procs import group_members
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -93,10 +96,6 @@ class Node:
         return out
 
 
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
 def config(rank: int, nodes: tuple[str, str], devs: tuple[str, str], work: Path,
            vllm_python: Path, model: Path, token: Path) -> dict[str, Any]:
     return {
@@ -130,20 +129,11 @@ def left_over(nodes: tuple[Node, ...]) -> list[int]:
                    for m in group_members(int(e["pid"]))})
 
 
-def marked(work: Path) -> list[int]:
-    """Pids of every process started for this test's configs that still carries the marker
-    (a vLLM rank's main process does, with its config's path)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            env = (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if f"{MARKER_ENV}=".encode() in env and str(work).encode() in env:
-            found.append(int(proc.name))
-    return found
+def marked(nodes: tuple[Node, ...]) -> list[int]:
+    """Pids of what the daemons' own orphan scan would end for these nodes' configs: the
+    processes carrying the marker, and the rest of their process groups."""
+    return sorted({p.pid for n in nodes for p in procs.scan_marked(
+        MARKER_ENV, marker_value(load_config(str(n.config))))})
 
 
 @pytest.fixture(scope="module")
@@ -162,37 +152,23 @@ def group(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path,
     for n in nodes:  # YAML is a superset of JSON
         n.config.write_text(json.dumps(config(n.rank, addrs, devs, work, vllm_python,
                                               tiny_model, token)))
-    made: list[str] = []
-    try:
-        for n in nodes:
-            ip("netns", "add", n.ns)
-            made.append(n.ns)
-        ip("link", "add", devs[0], "type", "veth", "peer", "name", devs[1])
-        for n in nodes:
-            ip("link", "set", n.dev, "netns", n.ns)
-            ip("-n", n.ns, "addr", "add", f"{n.ip}/24", "dev", n.dev)
-            ip("-n", n.ns, "link", "set", n.dev, "up")
-            ip("-n", n.ns, "link", "set", "lo", "up")
-        for n in nodes:
-            n.start()
-        yield nodes[0], nodes[1]
-    finally:
-        leaks = []
-        for n in nodes:
-            for d in n.lives:
-                leaks += [f"rank {n.rank}: {x}" for x in d.close(term_timeout=60)]
-        left = sorted(set(marked(work)) | set(left_over(nodes)))
-        for pid in left:  # end what the daemons left, then fail for it
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-        print("\ncluster tier times (s):", json.dumps(TIMES, indent=1))
-        assert not leaks and not left, f"left behind: {leaks}, vLLM pids {left}"
-
-
-def ready_count(d: Daemon) -> int:
-    return len(d.events_named("vllm.ready"))
+    leaks: list[str] = []
+    left: list[int] = []
+    with linked_namespaces([n.ns for n in nodes], devs, addrs):
+        try:
+            for n in nodes:
+                n.start()
+            yield nodes[0], nodes[1]
+        finally:
+            for n in nodes:
+                for d in n.lives:
+                    leaks += [f"rank {n.rank}: {x}" for x in d.close(term_timeout=60)]
+            left = sorted(set(marked(nodes)) | set(left_over(nodes)))
+            for pid in left:  # end what the daemons left, then fail for it
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    print("\ncluster tier times (s):", json.dumps(TIMES, indent=1))
+    assert not leaks and not left, f"left behind: {leaks}, vLLM pids {left}"
 
 
 def wait_formed(head: Node, worker: Node, since: float, what: str) -> Event:
@@ -355,13 +331,12 @@ def test_sigkill_of_the_workers_supervisor_and_its_restart_recover_the_group(
 
 def test_stop_on_both_nodes_leaves_nothing(group: tuple[Node, Node]) -> None:
     head, worker = group
-    work = head.config.parent
-    assert marked(work), "the ranks should be running before the stop"
+    assert marked(group), "the ranks should be running before the stop"
     t = time.monotonic()
     for n in (head, worker):
         n.d.send_signal(signal.SIGTERM)
     for n in (head, worker):
         assert n.d.wait_exit(90) == 0, n.d.tail()
     TIMES["stop_both"] = {"stopped_s": round(time.monotonic() - t, 1)}
-    poll_for(lambda: not (marked(work) or left_over(group)) or None, 30,
+    poll_for(lambda: not (marked(group) or left_over(group)) or None, 30,
              "every process of every rank of the group to be gone")

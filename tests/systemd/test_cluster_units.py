@@ -47,6 +47,7 @@ from typing import Any
 
 import pytest
 from conftest import require_systemd_tier
+from helpers.netns import linked_namespaces
 from helpers.tier import TINY_MODEL, VLLM_VENV, require_path
 from nika_helpers import (
     CONFIG,
@@ -112,10 +113,6 @@ class Node:
         assert r.returncode == 0, r.stderr
         out: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
         return out
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
 
 
 def hidden_by_protecthome(vllm_python: Path, model: Path) -> list[str]:
@@ -196,52 +193,41 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, Node]
     tag = f"nks{os.getpid() % 100000}"
     devs = (f"{tag}va", f"{tag}vb")
     nodes = tuple(Node(r, f"{tag}{'ab'[r]}", devs[r], ADDRS[r]) for r in (0, 1))
-    made: list[str] = []
-    try:
-        for n in nodes:
-            ip("netns", "add", n.netns)
-            made.append(n.netns)
-        ip("link", "add", devs[0], "type", "veth", "peer", "name", devs[1])
-        for n in nodes:
-            ip("link", "set", n.dev, "netns", n.netns)
-            ip("-n", n.netns, "addr", "add", f"{n.ip}/24", "dev", n.dev)
-            ip("-n", n.netns, "link", "set", n.dev, "up")
-            ip("-n", n.netns, "link", "set", "lo", "up")
-        t = time.monotonic()
-        for n in nodes:
-            n.ns = Namespace.boot(work / f"node{n.rank}", netns=n.netns)
-        errors: list[BaseException] = []
+    problems: list[str] = []
+    with linked_namespaces([n.netns for n in nodes], devs, ADDRS):
+        try:
+            t = time.monotonic()
+            for n in nodes:
+                n.ns = Namespace.boot(work / f"node{n.rank}", netns=n.netns)
+            errors: list[BaseException] = []
 
-        def setup(n: Node) -> None:
-            try:
-                setup_node(n, work, devs, vllm_python, model, hidden)
-            except BaseException as e:  # reported below
-                errors.append(e)
+            def setup(n: Node) -> None:
+                try:
+                    setup_node(n, work, devs, vllm_python, model, hidden)
+                except BaseException as e:  # reported below
+                    errors.append(e)
 
-        threads = [threading.Thread(target=setup, args=(n,)) for n in nodes]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        if errors:
-            raise errors[0]
-        MEASUREMENTS["cluster units: boot and install both nodes (s)"] = \
-            round(time.monotonic() - t, 1)
-        yield nodes[0], nodes[1]
-    finally:
-        problems: list[str] = []
-        for n in nodes:
-            if n.ns is not None:
-                with contextlib.suppress(Exception):  # kept for a reader: the whole journal
-                    (work / f"journal{n.rank}.txt").write_text(
-                        n.ns.journal("-o", "short-monotonic"))
-                left = ranks_in(n.ns)
-                if left and STOPPED:  # else a failed case left them: that case reports it
-                    problems.append(f"rank {n.rank}: vLLM pids {left} after the stop")
-                problems += n.ns.teardown()  # kills the namespace's PID 1, hence all of it
-        for name in made:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
-        assert not problems, problems
+            threads = [threading.Thread(target=setup, args=(n,)) for n in nodes]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            if errors:
+                raise errors[0]
+            MEASUREMENTS["cluster units: boot and install both nodes (s)"] = \
+                round(time.monotonic() - t, 1)
+            yield nodes[0], nodes[1]
+        finally:
+            for n in nodes:
+                if n.ns is not None:
+                    with contextlib.suppress(Exception):  # kept for a reader: the whole journal
+                        (work / f"journal{n.rank}.txt").write_text(
+                            n.ns.journal("-o", "short-monotonic"))
+                    left = ranks_in(n.ns)
+                    if left and STOPPED:  # else a failed case left them: that case reports it
+                        problems.append(f"rank {n.rank}: vLLM pids {left} after the stop")
+                    problems += n.ns.teardown()  # kills the namespace's PID 1, hence all of it
+    assert not problems, problems
 
 
 def active(n: Node) -> dict[str, str]:

@@ -115,6 +115,18 @@ def test_a_group_restart_while_nothing_runs_changes_nothing() -> None:
 # -- a worker --------------------------------------------------------------------------------
 
 
+def worker_running(epoch: int, pid: int) -> Run:
+    """A worker that waited, was told to start its rank for `epoch`, and spawned it."""
+    r = run_as(WORKER)
+    r.feed(Boot())
+    r.feed(PreflightResult())
+    r.feed(RankStart(epoch))
+    r.feed(PreflightResult())
+    r.feed(Spawned(pid))
+    assert r.state.phase is Phase.LOADING
+    return r
+
+
 def test_a_worker_waits_for_the_heads_group_and_never_starts_by_itself() -> None:
     r = run_as(WORKER)
     assert r.feed(Boot()) == [Preflight()]  # orphans of an earlier life are still ended
@@ -141,12 +153,7 @@ def test_a_worker_starts_its_rank_for_the_epoch_and_is_ready_with_the_group() ->
 
 
 def test_a_worker_rank_that_dies_goes_back_to_waiting_without_a_restart_of_its_own() -> None:
-    r = run_as(WORKER)
-    r.feed(Boot())
-    r.feed(PreflightResult())
-    r.feed(RankStart(7))
-    r.feed(PreflightResult())
-    r.feed(Spawned(200))
+    r = worker_running(7, 200)
     r.feed(GroupReady(True, "joined"))
     acts = r.feed(ChildExited(200, None, signal.SIGKILL), after=5.0)
     assert any(isinstance(a, RankGone) and a.epoch == 7 for a in acts)
@@ -158,12 +165,7 @@ def test_a_worker_rank_that_dies_goes_back_to_waiting_without_a_restart_of_its_o
 
 
 def test_a_worker_stops_its_rank_when_told_and_starts_the_next_epoch_after_the_stop() -> None:
-    r = run_as(WORKER)
-    r.feed(Boot())
-    r.feed(PreflightResult())
-    r.feed(RankStart(7))
-    r.feed(PreflightResult())
-    r.feed(Spawned(200))
+    r = worker_running(7, 200)
     acts = r.feed(RankStop("group epoch moved from 7 to 8"))
     assert SignalGroup(200, TERM) in acts
     assert r.events("cluster.rank_stop") == [{"reason": "group epoch moved from 7 to 8"}]
